@@ -1,0 +1,49 @@
+"""Liveness, readiness and metrics endpoints for the process supervisor and Prometheus."""
+
+from django.conf import settings
+from django.db import connection
+from django.http import HttpResponse, JsonResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+
+def healthz(request):
+    return JsonResponse({"status": "ok"})
+
+
+def _check_database() -> str | None:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+    except Exception as exc:  # any driver error means "not ready"; reported, not hidden
+        return f"{type(exc).__name__}"
+    return None
+
+
+def _check_broker() -> str | None:
+    if not settings.CELERY_BROKER_URL:
+        return None
+    from config.celery import app
+
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+    except Exception as exc:  # broker down: reported in the body, never raised
+        return f"{type(exc).__name__}"
+    return None
+
+
+def readyz(request):
+    checks = {"database": _check_database(), "broker": _check_broker()}
+    body = {
+        "status": "ready" if not any(checks.values()) else "not ready",
+        "checks": {
+            name: ("skipped (not configured)" if name == "broker" and not settings.CELERY_BROKER_URL else (err or "ok"))
+            for name, err in checks.items()
+        },
+    }
+    return JsonResponse(body, status=200 if body["status"] == "ready" else 503)
+
+
+def metrics(request):
+    return HttpResponse(generate_latest(), content_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,89 @@
+"""Applications (the bots this platform governs) and their API keys."""
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from simple_history.models import HistoricalRecords
+
+
+class Application(models.Model):
+    class Status(models.TextChoices):
+        DRAFT = "draft", "Draft"
+        PILOT = "pilot", "Pilot"
+        PRODUCTION = "production", "Production"
+
+    slug = models.SlugField(max_length=60, unique=True)
+    name = models.CharField(max_length=120)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.DRAFT)
+    is_active = models.BooleanField(default=True, help_text="A suspended application's keys are refused.")
+    default_model = models.CharField(
+        max_length=100, help_text="Used when a request names no model. Must be in the model catalogue."
+    )
+    default_temperature = models.DecimalField(
+        max_digits=3,
+        decimal_places=2,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0), MaxValueValidator(2)],
+        help_text="Applied when a request sets none.",
+    )
+    default_max_tokens = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Applied when a request sets no max_tokens."
+    )
+    system_prompt = models.TextField(
+        blank=True, help_text="Used by the native API's server-side conversations."
+    )
+    provider_base_url = models.URLField(
+        blank=True, help_text="Overrides OPENAI_BASE_URL for this application only."
+    )
+    provider_api_key = models.CharField(
+        max_length=300,
+        blank=True,
+        help_text="Overrides OPENAI_API_KEY for this application only. Never shown in logs.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    history = HistoricalRecords(excluded_fields=["provider_api_key"])
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+    def clean(self) -> None:
+        from budgets.models import LanguageModel
+
+        if self.default_model and not LanguageModel.objects.filter(name=self.default_model).exists():
+            raise ValidationError({"default_model": f"'{self.default_model}' is not in the model catalogue."})
+
+
+class ApiKey(models.Model):
+    """An application key. Only a SHA-256 of the secret is stored; the secret
+    is shown once, when the key is created."""
+
+    application = models.ForeignKey(Application, on_delete=models.PROTECT, related_name="api_keys")
+    name = models.CharField(max_length=120, blank=True, help_text="What uses this key, e.g. 'web widget'.")
+    prefix = models.CharField(max_length=16, db_index=True, editable=False)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    history = HistoricalRecords(excluded_fields=["last_used_at"])
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.application.slug})"
+
+    @property
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None
