@@ -73,3 +73,14 @@ def cost_of(*, price: ModelPrice, prompt_tokens: int, completion_tokens: int, ca
         + Decimal(completion_tokens) * price.output_per_million
     )
     return total / MILLION
+
+
+MICRO = Decimal("0.000001")
+
+
+def to_micro_dollars(amount: Decimal) -> Decimal:
+    """Round an exact cost for display and reconciliation: to the micro-dollar,
+    half away from zero, as invoices round (never banker's rounding)."""
+    from decimal import ROUND_HALF_UP
+
+    return amount.quantize(MICRO, rounding=ROUND_HALF_UP)

@@ -1,3 +1,9 @@
 from django.urls import path
 
-urlpatterns: list = []
+from conversations.api import views
+
+urlpatterns = [
+    path("conversations/", views.ConversationList.as_view(), name="api-conversations"),
+    path("conversations/<str:conversation_id>/", views.ConversationDetail.as_view(), name="api-conversation"),
+    path("conversations/<str:conversation_id>/messages/", views.ConversationMessages.as_view(), name="api-messages"),
+]

@@ -1,0 +1,282 @@
+"""Writes for an application's traffic: opening a call before the provider is
+asked, finishing it afterwards, and recording requests refused before that.
+
+Each function is one transaction, so a crash leaves either nothing or a
+complete, consistent step: an `in_progress` call with its request messages, or
+a final call with its answer and the conversation totals updated.
+"""
+
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import orjson
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from budgets.models import ModelPrice
+from budgets.selectors import cost_of
+from conversations.gateway.validation import text_of
+from conversations.models import Conversation, Message, ProviderCall
+from governance.models import ApiKey, Application
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _message_rows(*, conversation, call, messages: list[dict], now) -> list[Message]:
+    rows = []
+    for position, msg in enumerate(messages):
+        content = msg.get("content")
+        text = text_of(content)
+        extra = {}
+        if isinstance(content, list):
+            extra["content"] = content
+        for key in ("tool_calls", "tool_call_id", "function_call"):
+            if msg.get(key) is not None:
+                extra[key] = msg[key]
+        rows.append(
+            Message(
+                conversation=conversation,
+                call=call,
+                direction=Message.Direction.REQUEST,
+                position=position,
+                role=msg["role"],
+                name=(msg.get("name") or "")[:64],
+                content=text,
+                parts=extra or None,
+                content_sha256=sha256(msg["role"] + "\x1f" + text + "\x1f" + (orjson.dumps(extra).decode() if extra else "")),
+                created_at=now,
+            )
+        )
+    return rows
+
+
+def _conversation(*, application: Application, external_id: str | None, end_user: str, messages, now) -> Conversation:
+    if not external_id:
+        external_id = "auto_" + uuid.uuid4().hex
+    first_user = next((text_of(m.get("content")) for m in messages if m.get("role") == "user"), "")
+    defaults = {
+        "end_user": end_user,
+        "title": " ".join(first_user.split())[:120],
+        "started_at": now,
+        "last_activity_at": now,
+    }
+    try:
+        with transaction.atomic():
+            conv, _ = Conversation.objects.get_or_create(
+                application=application, external_id=external_id, defaults=defaults
+            )
+    except IntegrityError:  # created concurrently by another request of the same conversation
+        conv = Conversation.objects.get(application=application, external_id=external_id)
+    return conv
+
+
+@dataclass
+class OpenedCall:
+    call_id: int
+    conversation_id: int
+    conversation_external_id: str
+
+
+@transaction.atomic
+def open_call(
+    *,
+    request_id: str,
+    api_key: ApiKey,
+    conversation_external_id: str | None,
+    end_user: str,
+    step: str,
+    stream: bool,
+    model_requested: str,
+    model_used: str,
+    parameters: dict,
+    messages: list[dict],
+    price: ModelPrice,
+    estimated_prompt_tokens: int,
+    token_count_is_estimate: bool,
+    provider_base_url: str,
+    decisions: list | None = None,
+) -> OpenedCall:
+    now = timezone.now()
+    conv = _conversation(
+        application=api_key.application,
+        external_id=conversation_external_id,
+        end_user=end_user,
+        messages=messages,
+        now=now,
+    )
+    call = ProviderCall.objects.create(
+        request_id=request_id,
+        application=api_key.application,
+        api_key=api_key,
+        key_prefix=api_key.prefix,
+        conversation=conv,
+        end_user=end_user,
+        step=step,
+        stream=stream,
+        model_requested=model_requested,
+        model_used=model_used,
+        parameters=parameters,
+        status=ProviderCall.Status.IN_PROGRESS,
+        decisions=decisions or [],
+        estimated_prompt_tokens=estimated_prompt_tokens,
+        token_count_is_estimate=token_count_is_estimate,
+        price=price,
+        provider_base_url=provider_base_url,
+        created_at=now,
+    )
+    Message.objects.bulk_create(_message_rows(conversation=conv, call=call, messages=messages, now=now))
+    return OpenedCall(call_id=call.pk, conversation_id=conv.pk, conversation_external_id=conv.external_id)
+
+
+@dataclass
+class CallResult:
+    status: str
+    outcome: str
+    http_status: int
+    latency_ms: int
+    provider_latency_ms: int | None = None
+    error_type: str = ""
+    error_code: str = ""
+    error_message: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    usage_source: str = "none"
+    content: str = ""
+    tool_calls: list | None = None
+    finish_reason: str = ""
+    provider_response_id: str = ""
+    provider_model: str = ""
+    decisions: list = field(default_factory=list)
+
+
+@dataclass
+class FinishedCall:
+    recorded: bool
+    cost_usd: Decimal | None
+
+
+@transaction.atomic
+def finish_call(*, call_id: int, result: CallResult) -> FinishedCall:
+    """Make an in-progress call final. A call already final (say, marked
+    interrupted by a reaper) is left alone and reported as not recorded."""
+    call = (
+        ProviderCall.objects.select_related("price")
+        .only("pk", "conversation_id", "price", "decisions", "status")
+        .get(pk=call_id)
+    )
+    cost = None
+    if result.prompt_tokens is not None and call.price is not None:
+        cost = cost_of(
+            price=call.price,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens or 0,
+            cached_tokens=result.cached_tokens or 0,
+        )
+    total = None
+    if result.prompt_tokens is not None:
+        total = result.prompt_tokens + (result.completion_tokens or 0)
+    now = timezone.now()
+    updated = ProviderCall.objects.filter(pk=call_id, status=ProviderCall.Status.IN_PROGRESS).update(
+        status=result.status,
+        outcome=result.outcome,
+        http_status=result.http_status,
+        error_type=result.error_type,
+        error_code=result.error_code,
+        error_message=result.error_message[:2000],
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        cached_tokens=result.cached_tokens,
+        reasoning_tokens=result.reasoning_tokens,
+        total_tokens=total,
+        usage_source=result.usage_source,
+        cost_usd=cost,
+        finish_reason=result.finish_reason[:32],
+        provider_response_id=result.provider_response_id[:128],
+        decisions=[*call.decisions, *result.decisions],
+        latency_ms=result.latency_ms,
+        provider_latency_ms=result.provider_latency_ms,
+        completed_at=now,
+    )
+    if updated != 1:
+        return FinishedCall(recorded=False, cost_usd=None)
+    if result.content or result.tool_calls:
+        parts = {"tool_calls": result.tool_calls} if result.tool_calls else None
+        Message.objects.bulk_create(
+            [
+                Message(
+                    conversation_id=call.conversation_id,
+                    call_id=call_id,
+                    direction=Message.Direction.RESPONSE,
+                    position=0,
+                    role="assistant",
+                    content=result.content,
+                    parts=parts,
+                    content_sha256=sha256(
+                        "assistant\x1f" + result.content + "\x1f" + (orjson.dumps(parts).decode() if parts else "")
+                    ),
+                    created_at=now,
+                )
+            ]
+        )
+    Conversation.objects.filter(pk=call.conversation_id).update(
+        last_activity_at=now,
+        call_count=F("call_count") + 1,
+        total_tokens=F("total_tokens") + (total or 0),
+        total_cost_usd=F("total_cost_usd") + (cost or Decimal(0)),
+    )
+    return FinishedCall(recorded=True, cost_usd=cost)
+
+
+@transaction.atomic
+def record_rejection(
+    *,
+    request_id: str,
+    http_status: int,
+    status: str,
+    outcome: str,
+    error_type: str,
+    error_code: str,
+    error_message: str,
+    latency_ms: int,
+    api_key: ApiKey | None = None,
+    key_prefix: str = "",
+    model_requested: str = "",
+    stream: bool = False,
+    end_user: str = "",
+    step: str = "",
+    parameters: dict | None = None,
+    decisions: list | None = None,
+    estimated_prompt_tokens: int | None = None,
+) -> ProviderCall:
+    """A request refused before the provider was asked. No conversation is
+    touched and no message stored: nothing reached the model."""
+    now = timezone.now()
+    return ProviderCall.objects.create(
+        request_id=request_id,
+        application=api_key.application if api_key else None,
+        api_key=api_key,
+        key_prefix=key_prefix or (api_key.prefix if api_key else ""),
+        end_user=end_user[:128],
+        step=step[:64],
+        stream=stream,
+        model_requested=model_requested[:100],
+        parameters=parameters or {},
+        status=status,
+        outcome=outcome,
+        http_status=http_status,
+        error_type=error_type,
+        error_code=error_code,
+        error_message=error_message[:2000],
+        decisions=decisions or [],
+        estimated_prompt_tokens=estimated_prompt_tokens,
+        latency_ms=latency_ms,
+        created_at=now,
+        completed_at=now,
+    )

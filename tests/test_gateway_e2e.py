@@ -1,0 +1,214 @@
+"""The unmodified openai client against the running gateway and the running
+simulator: answers arrive as OpenAI would send them, and every call leaves a
+complete record."""
+
+import httpx
+import openai
+import pytest
+
+from budgets.selectors import cost_of
+from conversations.models import Conversation, Message, ProviderCall
+
+
+def client(gateway, secret, **kw):
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key=secret, max_retries=0, **kw)
+
+
+def sim_log(sim):
+    return httpx.get(f"{sim.control_url}/log", timeout=5).json()["entries"]
+
+
+MESSAGES = [
+    {"role": "system", "content": "You are a support assistant."},
+    {"role": "user", "content": "How do I reset my password?"},
+]
+
+
+def test_non_streaming_answer_is_recorded(gateway, sim, app_key):
+    app, key, secret = app_key
+    raw = client(gateway, secret).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        temperature=0.2,
+        extra_headers={"X-Request-ID": "req-e2e-1", "X-Conversation-ID": "ticket-1", "X-End-User": "user-42"},
+    )
+    completion = raw.parse()
+    assert raw.headers["x-request-id"] == "req-e2e-1"
+    assert raw.headers["x-governance-outcome"] == "answered"
+    assert completion.choices[0].message.content
+
+    call = ProviderCall.objects.get(request_id="req-e2e-1")
+    assert (call.status, call.outcome, call.http_status) == ("succeeded", "answered", 200)
+    assert call.application == app and call.api_key == key
+    assert call.conversation.external_id == "ticket-1" and call.end_user == "user-42"
+    assert call.model_requested == call.model_used == "gpt-4o-mini"
+    assert call.parameters["temperature"] == 0.2
+    assert call.prompt_tokens == completion.usage.prompt_tokens
+    assert call.completion_tokens == completion.usage.completion_tokens
+    assert call.usage_source == "provider"
+    assert call.cost_usd == cost_of(
+        price=call.price, prompt_tokens=call.prompt_tokens, completion_tokens=call.completion_tokens
+    )
+    assert call.cost_usd > 0
+    assert call.latency_ms is not None and call.provider_latency_ms is not None
+    assert call.estimated_prompt_tokens > 0 and call.token_count_is_estimate  # gpt-4o-mini is o200k; counted with cl100k
+    assert call.decisions == []
+
+    sent = list(call.messages.filter(direction="request").order_by("position"))
+    assert [(m.role, m.content) for m in sent] == [(m["role"], m["content"]) for m in MESSAGES]
+    answer = call.messages.get(direction="response")
+    assert answer.content == completion.choices[0].message.content
+
+    [entry] = sim_log(sim)
+    assert entry["id"] == call.provider_response_id == completion.id
+
+
+def test_streaming_with_usage(gateway, sim, app_key):
+    _, _, secret = app_key
+    stream = client(gateway, secret).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True, stream_options={"include_usage": True},
+        extra_headers={"X-Request-ID": "req-stream-1"},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    usage = chunks[-1].usage
+    assert text and usage is not None and chunks[-1].choices == []
+
+    call = ProviderCall.objects.get(request_id="req-stream-1")
+    assert call.stream and call.status == "succeeded" and call.outcome == "answered"
+    assert call.messages.get(direction="response").content == text
+    assert (call.prompt_tokens, call.completion_tokens) == (usage.prompt_tokens, usage.completion_tokens)
+    assert call.usage_source == "provider" and call.cost_usd > 0
+
+
+def test_streaming_without_usage_still_records_provider_usage(gateway, sim, app_key):
+    _, _, secret = app_key
+    chunks = list(
+        client(gateway, secret).chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True, extra_headers={"X-Request-ID": "req-stream-2"}
+        )
+    )
+    assert all(c.usage is None for c in chunks), "the client did not ask for the usage chunk"
+    assert all(c.choices for c in chunks)
+    call = ProviderCall.objects.get(request_id="req-stream-2")
+    assert call.usage_source == "provider" and call.prompt_tokens > 0 and call.completion_tokens > 0
+
+
+def test_conversation_accumulates_calls(gateway, sim, app_key):
+    _, _, secret = app_key
+    c = client(gateway, secret)
+    history = list(MESSAGES)
+    for turn in range(3):
+        reply = c.chat.completions.create(
+            model="gpt-4o-mini", messages=history, extra_headers={"X-Conversation-ID": "conv-acc"}
+        )
+        history += [{"role": "assistant", "content": reply.choices[0].message.content}, {"role": "user", "content": f"and then {turn}?"}]
+    conv = Conversation.objects.get(external_id="conv-acc")
+    calls = list(conv.calls.all())
+    assert conv.call_count == 3 == len(calls)
+    assert conv.total_cost_usd == sum(call.cost_usd for call in calls)
+    assert conv.total_tokens == sum(call.total_tokens for call in calls)
+    assert conv.title == "How do I reset my password?"
+
+
+def test_user_field_is_the_end_user_and_no_conversation_header_makes_one(gateway, sim, app_key):
+    _, _, secret = app_key
+    client(gateway, secret).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, user="end-user-7", extra_headers={"X-Request-ID": "req-user"}
+    )
+    call = ProviderCall.objects.get(request_id="req-user")
+    assert call.end_user == "end-user-7" and call.conversation.external_id.startswith("auto_")
+
+
+def test_default_model_of_the_application(gateway, sim, app_key):
+    app, _, secret = app_key
+    resp = httpx.post(
+        f"{gateway}/v1/chat/completions", json={"messages": MESSAGES},
+        headers={"Authorization": f"Bearer {secret}", "X-Request-ID": "req-default"},
+    )
+    assert resp.status_code == 200
+    assert ProviderCall.objects.get(request_id="req-default").model_used == app.default_model
+
+
+def test_cached_tokens_are_priced_as_cached(gateway, sim, app_key):
+    _, _, secret = app_key
+    httpx.post(f"{sim.control_url}/faults", json={"faults": [], "force_cached_tokens": 16}).raise_for_status()
+    long = [{"role": "user", "content": "word " * 40}]
+    reply = client(gateway, secret).chat.completions.create(model="gpt-4o", messages=long, extra_headers={"X-Request-ID": "req-cached"})
+    call = ProviderCall.objects.get(request_id="req-cached")
+    assert call.cached_tokens == reply.usage.prompt_tokens_details.cached_tokens == 16
+    uncached_cost = cost_of(price=call.price, prompt_tokens=call.prompt_tokens, completion_tokens=call.completion_tokens)
+    assert call.cost_usd == uncached_cost - 16 * (call.price.input_per_million - call.price.cached_input_per_million) / 1_000_000
+
+
+def test_models_endpoint_lists_priced_models(gateway, sim, app_key):
+    _, _, secret = app_key
+    ids = {m.id for m in client(gateway, secret).models.list()}
+    assert {"gpt-4o-mini", "gpt-4o"} <= ids
+    with pytest.raises(openai.AuthenticationError):
+        client(gateway, "gk-wrong").models.list()
+
+
+UPSTREAM_FAULTS = [
+    ("500", 502, "upstream_error", openai.InternalServerError),
+    ("429", 429, "upstream_rate_limited", openai.RateLimitError),
+    ("malformed", 502, "upstream_malformed_response", openai.InternalServerError),
+    ("reset", 502, "upstream_connection_error", openai.InternalServerError),
+]
+
+
+@pytest.mark.parametrize("fault,status,code,exc", UPSTREAM_FAULTS, ids=[f[0] for f in UPSTREAM_FAULTS])
+def test_upstream_failures_are_answered_and_recorded(gateway, sim, app_key, fault, status, code, exc):
+    _, _, secret = app_key
+    httpx.post(f"{sim.control_url}/faults", json={"faults": [fault]}).raise_for_status()
+    with pytest.raises(exc) as info:
+        client(gateway, secret).chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, extra_headers={"X-Request-ID": f"req-{fault}"}
+        )
+    assert info.value.status_code == status
+    assert info.value.body["code"] == code
+    assert info.value.response.headers["x-governance-outcome"] == "failed"
+    call = ProviderCall.objects.get(request_id=f"req-{fault}")
+    assert (call.status, call.outcome, call.error_code, call.http_status) == ("failed", "failed", code, status)
+    assert call.cost_usd is None or call.cost_usd >= 0
+    assert call.messages.filter(direction="request").count() == 2, "what was sent is kept"
+    assert not call.messages.filter(direction="response").exists()
+    if fault == "429":
+        assert info.value.response.headers["retry-after"]
+
+
+def test_provider_timeout(gateway, sim, app_key, settings):
+    _, _, secret = app_key
+    settings.GATEWAY = {**settings.GATEWAY, "PROVIDER_TIMEOUT_S": 0.5}
+    from conversations.gateway import provider
+
+    provider._clients.clear()
+    try:
+        httpx.post(f"{sim.control_url}/faults", json={"faults": ["hang"]}).raise_for_status()
+        with pytest.raises(openai.APIStatusError) as info:
+            client(gateway, secret).chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES, extra_headers={"X-Request-ID": "req-hang"}
+            )
+        assert info.value.status_code == 504
+        call = ProviderCall.objects.get(request_id="req-hang")
+        assert call.error_code == "upstream_timeout" and call.status == "failed"
+    finally:
+        provider._clients.clear()
+
+
+def test_stream_cut_midway_ends_with_error_event_and_partial_record(gateway, sim, app_key):
+    _, _, secret = app_key
+    httpx.post(f"{sim.control_url}/faults", json={"faults": ["cut"]}).raise_for_status()
+    received = []
+    with pytest.raises(openai.APIError) as info:
+        for chunk in client(gateway, secret).chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True, extra_headers={"X-Request-ID": "req-cut"}
+        ):
+            if chunk.choices:
+                received.append(chunk.choices[0].delta.content or "")
+    assert "stream" in str(info.value).lower()
+    call = ProviderCall.objects.get(request_id="req-cut")
+    assert call.status == "failed" and call.error_code == "upstream_stream_interrupted"
+    partial = "".join(received)
+    assert partial and call.messages.get(direction="response").content == partial
+    assert call.usage_source == "estimated" and call.completion_tokens > 0 and call.cost_usd > 0
