@@ -118,6 +118,10 @@ CELERY_TASK_ALWAYS_EAGER = not CELERY_BROKER_URL
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TIMEZONE = "UTC"
+CELERY_TASK_ROUTES = {"conversations.*": {"queue": "maintenance"}}
+CELERY_BEAT_SCHEDULE = {
+    "reap-interrupted-calls": {"task": "conversations.reap_interrupted_calls", "schedule": 60.0},
+}
 
 # --- Auth / i18n ----------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

@@ -280,3 +280,27 @@ def record_rejection(
         created_at=now,
         completed_at=now,
     )
+
+
+def mark_interrupted_calls(*, older_than_s: float | None = None) -> int:
+    """Close calls left `in_progress` by a process that died mid-call.
+
+    A deliberate queryset update (one statement, no per-row signals): a call
+    still open long after the provider deadline can no longer finish, and the
+    same conditional filter means a call finishing right now is never touched.
+    """
+    from django.conf import settings
+
+    if older_than_s is None:
+        older_than_s = settings.GATEWAY["PROVIDER_TIMEOUT_S"] * 2 + 60
+    now = timezone.now()
+    return ProviderCall.objects.filter(
+        status=ProviderCall.Status.IN_PROGRESS, created_at__lt=now - timezone.timedelta(seconds=older_than_s)
+    ).update(
+        status=ProviderCall.Status.INTERRUPTED,
+        outcome=ProviderCall.Outcome.FAILED,
+        error_type="api_error",
+        error_code="interrupted",
+        error_message="The gateway process handling this call stopped before it finished.",
+        completed_at=now,
+    )

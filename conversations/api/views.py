@@ -10,6 +10,7 @@ from django.utils import timezone
 from drf_spectacular.utils import extend_schema
 from rest_framework import generics, status
 from rest_framework.exceptions import APIException
+from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -33,9 +34,13 @@ class _GatewayRefusal(APIException):
         super().__init__(detail=err.get("message", "refused"), code=err.get("code", "refused"))
 
 
+class NewestFirst(CursorPagination):
+    ordering = "-id"  # stable under concurrent inserts, unlike last activity
+
+
 class ConversationList(generics.ListCreateAPIView):
     serializer_class = ConversationSerializer
-    ordering = "-id"
+    pagination_class = NewestFirst
 
     def get_queryset(self):
         return selectors.conversations_of(application=self.request.user)

@@ -32,6 +32,7 @@ class GatewayError(Exception):
         )
         resp["X-Request-ID"] = request_id
         resp["X-Governance-Outcome"] = self.outcome
+        resp["X-Error-Code"] = self.code
         for name, value in self.headers.items():
             resp[name] = value
         return resp

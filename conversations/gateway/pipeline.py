@@ -17,7 +17,7 @@ from django.db import Error as DatabaseError
 from django.http import HttpResponse, StreamingHttpResponse
 
 from conversations import services
-from conversations.gateway import provider
+from conversations.gateway import metrics, provider
 from conversations.gateway.admission import Admitted, Headers, admit
 from conversations.gateway.dbsection import db_section
 from conversations.gateway.errors import GatewayError, Outcome, Status
@@ -117,6 +117,15 @@ def _recording_failed(request_id: str) -> HttpResponse:
 
 async def handle_chat_completion(request) -> HttpResponse:
     started = time.perf_counter()
+    resp = await _handle(request, started)
+    outcome = resp.get("X-Governance-Outcome", "failed")
+    code = "" if resp.status_code < 400 else resp.get("X-Error-Code", str(resp.status_code))
+    metrics.REQUESTS.labels(outcome, code).inc()
+    metrics.LATENCY.observe(time.perf_counter() - started)
+    return resp
+
+
+async def _handle(request, started: float) -> HttpResponse:
     request_id = request.request_id
     headers = Headers.from_meta(request.META)
     chat, body_error = _read_body(request)

@@ -1,0 +1,15 @@
+"""Prometheus metrics for the gateway (served at /metrics).
+
+Per process: run one scrape target per worker, or set
+PROMETHEUS_MULTIPROC_DIR for prometheus-client's multiprocess mode."""
+
+from prometheus_client import Counter, Histogram
+
+REQUESTS = Counter(
+    "gateway_requests_total", "Chat completion requests by governance outcome and error code", ["outcome", "code"]
+)
+LATENCY = Histogram(
+    "gateway_request_seconds",
+    "Time to the response head (whole body for non-streaming)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
