@@ -118,9 +118,11 @@ CELERY_TASK_ALWAYS_EAGER = not CELERY_BROKER_URL
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TIMEZONE = "UTC"
-CELERY_TASK_ROUTES = {"conversations.*": {"queue": "maintenance"}}
+CELERY_TASK_ROUTES = {"conversations.*": {"queue": "maintenance"}, "budgets.*": {"queue": "maintenance"}}
 CELERY_BEAT_SCHEDULE = {
     "reap-interrupted-calls": {"task": "conversations.reap_interrupted_calls", "schedule": 60.0},
+    "expire-budget-reservations": {"task": "budgets.expire_reservations", "schedule": 15.0},
+    "detect-cost-regressions": {"task": "budgets.detect_cost_regressions", "schedule": 900.0},
 }
 
 # --- Auth / i18n ----------------------------------------------------------
@@ -170,6 +172,10 @@ GATEWAY = {
     "PROVIDER_CONNECT_TIMEOUT_S": env.float("GATEWAY_PROVIDER_CONNECT_TIMEOUT_S", default=5.0),
     "DB_THREADS": env.int("GATEWAY_DB_THREADS", default=8),
     "KEY_LAST_USED_RESOLUTION_S": 60,
+    # Applied when a budget applies and the request sets no max_tokens, so the worst case is bounded.
+    "DEFAULT_MAX_OUTPUT_TOKENS": env.int("GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS", default=4096),
+    # A hold not settled by then belongs to a dead process and is released by the reaper.
+    "RESERVATION_TTL_S": env.float("GATEWAY_RESERVATION_TTL_S", default=180.0),
 }
 DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY["MAX_BODY_BYTES"]
 

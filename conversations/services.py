@@ -204,6 +204,7 @@ def finish_call(*, call_id: int, result: CallResult) -> FinishedCall:
         provider_latency_ms=result.provider_latency_ms,
         completed_at=now,
     )
+    _settle_budgets(call_id=call_id, cost=cost, tokens=total)
     if updated != 1:
         return FinishedCall(recorded=False, cost_usd=None)
     if result.content or result.tool_calls:
@@ -232,6 +233,17 @@ def finish_call(*, call_id: int, result: CallResult) -> FinishedCall:
         total_cost_usd=F("total_cost_usd") + (cost or Decimal(0)),
     )
     return FinishedCall(recorded=True, cost_usd=cost)
+
+
+def _settle_budgets(*, call_id: int, cost: Decimal | None, tokens: int | None) -> None:
+    """Charge what the provider reported (even for a call already closed by the
+    reaper: the work was done); release the holds of a call that cost nothing."""
+    from budgets import services as budgets
+
+    if cost is not None:
+        budgets.settle(call_id=call_id, cost_usd=cost, tokens=tokens or 0)
+    else:
+        budgets.release(call_id=call_id)
 
 
 @transaction.atomic

@@ -37,6 +37,11 @@ class Application(models.Model):
     system_prompt = models.TextField(
         blank=True, help_text="Used by the native API's server-side conversations."
     )
+    polite_refusal_message = models.TextField(
+        blank=True,
+        default="I'm sorry, I can't help with more questions right now. Please try again later or contact our support team.",
+        help_text="What the bot's users see when a budget rule refuses politely.",
+    )
     provider_base_url = models.URLField(
         blank=True, help_text="Overrides OPENAI_BASE_URL for this application only."
     )

@@ -11,13 +11,16 @@ import time
 from dataclasses import dataclass
 
 from django.conf import settings
+from django.db import transaction
 
 from budgets.models import LanguageModel, ModelPrice
+from budgets.policy import Plan, apply_ladder, fit_input, step_policy, worst_case
 from budgets.selectors import ModelNotPriced, UnknownModel, priced_model
+from budgets.services import BudgetExceeded, applicable_budgets, current_utilisation, reserve
 from conversations import services
-from conversations.gateway.errors import GatewayError, auth_error, invalid
+from conversations.gateway.errors import GatewayError, PoliteRefusal, auth_error, invalid
 from conversations.gateway.provider import Upstream
-from conversations.gateway.tokens import count_messages
+from conversations.gateway.tokens import count_messages, encoder_for
 from conversations.gateway.validation import ChatRequest
 from governance.models import ApiKey
 from governance.selectors import KeyRejected, key_for_secret
@@ -76,22 +79,24 @@ class Admitted:
     upstream: Upstream
     payload: dict
     estimated_prompt_tokens: int
+    model_encoding: str
+    degraded: bool = False
+    reservation: dict | None = None
 
 
 def _elapsed_ms(started: float) -> int:
     return int((time.perf_counter() - started) * 1000)
 
 
-def _payload(chat: ChatRequest, model: LanguageModel, app) -> dict:
-    payload = {"model": model.provider_model, "messages": chat.messages, **chat.extra}
+def _payload(chat: ChatRequest, plan: Plan, app) -> dict:
+    payload = {"model": plan.model.provider_model, "messages": plan.messages, **chat.extra}
     temperature = chat.temperature if chat.temperature is not None else app.default_temperature
     if temperature is not None:
         payload["temperature"] = float(temperature)
     if chat.top_p is not None:
         payload["top_p"] = chat.top_p
-    max_tokens = chat.max_tokens or app.default_max_tokens
-    if max_tokens:
-        payload[chat.max_tokens_field] = max_tokens
+    if plan.max_tokens:
+        payload[chat.max_tokens_field] = plan.max_tokens
     if chat.user:
         payload["user"] = chat.user
     if chat.stream:
@@ -100,6 +105,58 @@ def _payload(chat: ChatRequest, model: LanguageModel, app) -> dict:
         payload["stream"] = True
         payload["stream_options"] = {"include_usage": True}
     return payload
+
+
+def _count_for(messages: list[dict], model: LanguageModel) -> tuple[int, bool]:
+    count = count_messages(messages, encoding=model.encoding)
+    return count.tokens, count.is_estimate
+
+
+def _apply_step_policy(plan: Plan, *, app, step: str) -> None:
+    """The step's (or the application's default) input and output caps."""
+    policy = step_policy(application=app, step=step)
+    if policy is None:
+        return
+    which = {"policy": policy.pk, "step": policy.step or "(default)"}
+    if policy.max_output_tokens and (plan.max_tokens is None or plan.max_tokens > policy.max_output_tokens):
+        plan.decisions.append({"kind": "max_tokens_capped", "from": plan.max_tokens, "to": policy.max_output_tokens, **which})
+        plan.max_tokens = policy.max_output_tokens
+    limit = policy.max_input_tokens
+    if not limit or plan.input_tokens <= limit:
+        return
+    if policy.oversize == policy.Oversize.REFUSE:
+        plan.decisions.append({"kind": "refused", "by": "input_limit", "input_tokens": plan.input_tokens, "limit": limit, **which})
+        raise GatewayError(
+            413,
+            f"The input is about {plan.input_tokens:,} tokens; step '{policy.step or '(default)'}' accepts at most {limit:,}. "
+            "Shorten the conversation or the pasted text.",
+            "input_too_large",
+            param="messages",
+        )
+    messages, tokens, cut = fit_input(
+        messages=plan.messages,
+        limit=limit,
+        strategy=policy.oversize,
+        count=lambda msgs: _count_for(msgs, plan.model)[0],
+        encoder=encoder_for(plan.model.encoding),
+    )
+    plan.decisions.append(
+        {"kind": "input_truncated", "strategy": policy.oversize, "tokens_before": plan.input_tokens, "tokens_after": tokens, "tokens_cut": cut,
+         "messages_before": len(plan.messages), "messages_after": len(messages), "limit": limit, **which}
+    )
+    plan.messages, plan.input_tokens = messages, tokens
+
+
+def _refusal_mode(rules: list) -> str:
+    """Hard-cap refusals speak the way the ladder's refusal rung does."""
+    refusing = [r for r in rules if r.refuse]
+    return max(refusing, key=lambda r: r.threshold_percent).refusal_mode if refusing else "error"
+
+
+def _budget_refusal(app, mode: str, message: str) -> GatewayError:
+    if mode == "polite":
+        return PoliteRefusal(200, app.polite_refusal_message, "budget_exceeded", reason=message)
+    return GatewayError(429, message, "budget_exceeded", type="insufficient_quota")
 
 
 def admit(
@@ -143,7 +200,7 @@ def admit(
             outcome=err.outcome,
             error_type=err.type,
             error_code=err.code,
-            error_message=err.message,
+            error_message=err.reason if isinstance(err, PoliteRefusal) else err.message,
             latency_ms=_elapsed_ms(started),
             api_key=api_key,
             model_requested=model_name or "",
@@ -185,31 +242,90 @@ def admit(
         ) from None
 
     count = count_messages(chat.messages, encoding=priced.model.encoding)
-    upstream = Upstream.for_application(app)
-    payload = _payload(chat, priced.model, app)
-    opened = services.open_call(
-        request_id=request_id,
-        api_key=api_key,
-        conversation_external_id=headers.conversation_id or None,
-        end_user=end_user,
-        step=headers.step,
-        stream=chat.stream,
-        model_requested=model_name,
-        model_used=priced.model.name,
-        parameters=chat.parameters(),
-        messages=chat.messages,
+    plan = Plan(
+        model=priced.model,
         price=priced.price,
-        estimated_prompt_tokens=count.tokens,
-        token_count_is_estimate=count.is_estimate,
-        provider_base_url=upstream.base_url,
+        messages=chat.messages,
+        input_tokens=count.tokens,
+        input_is_estimate=count.is_estimate,
+        max_tokens=chat.max_tokens or app.default_max_tokens,
     )
+    budgets = applicable_budgets(application=app, api_key=api_key, end_user=end_user, step=headers.step)
+    try:
+        _apply_step_policy(plan, app=app, step=headers.step)
+    except GatewayError as err:
+        raise refuse(err, decisions=plan.decisions) from None
+    rules = list(app.degradation_rules.all())
+    if rules:
+        utilisation = current_utilisation(budgets=budgets, end_user=end_user)
+        apply_ladder(plan=plan, rules=rules, utilisation=utilisation, count_for=_count_for)
+        if plan.refusal:
+            raise refuse(
+                _budget_refusal(app, plan.refusal["mode"], "The application's budget policy refuses new requests at this level of spend."),
+                decisions=plan.decisions,
+            )
+    if budgets and plan.max_tokens is None:
+        default = min(settings.GATEWAY["DEFAULT_MAX_OUTPUT_TOKENS"], max(1, plan.model.context_window - plan.input_tokens))
+        plan.decisions.append({"kind": "max_tokens_defaulted", "to": default, "why": "a budget applies; the worst case must be bounded"})
+        plan.max_tokens = default
+    hold_usd, hold_tokens = worst_case(
+        price=plan.price, input_tokens=plan.input_tokens, is_estimate=plan.input_is_estimate, max_tokens=plan.max_tokens or 0
+    )
+
+    upstream = Upstream.for_application(app)
+    payload = _payload(chat, plan, app)
+    try:
+        with transaction.atomic():
+            opened = services.open_call(
+                request_id=request_id,
+                api_key=api_key,
+                conversation_external_id=headers.conversation_id or None,
+                end_user=end_user,
+                step=headers.step,
+                stream=chat.stream,
+                model_requested=model_name,
+                model_used=plan.model.name,
+                parameters=chat.parameters(),
+                messages=plan.messages,
+                price=plan.price,
+                estimated_prompt_tokens=plan.input_tokens,
+                token_count_is_estimate=plan.input_is_estimate,
+                provider_base_url=upstream.base_url,
+                decisions=plan.decisions,
+            )
+            holds = reserve(
+                call_id=opened.call_id,
+                budgets=budgets,
+                end_user=end_user,
+                amount_usd=hold_usd,
+                tokens=hold_tokens,
+                ttl_s=settings.GATEWAY["RESERVATION_TTL_S"],
+            )
+    except BudgetExceeded as exc:
+        mode = _refusal_mode(rules)
+        decision = {
+            "kind": "refused", "by": "hard_cap", "mode": mode, "budget": exc.budget.pk, "budget_name": exc.budget.name,
+            "unit": exc.unit, "needed_usd": str(exc.needed_usd), "needed_tokens": exc.needed_tokens,
+        }
+        raise refuse(_budget_refusal(app, mode, exc.message), decisions=[*plan.decisions, decision]) from None
+    reservation = None
+    if holds:
+        reservation = {
+            "kind": "budget_reserved",
+            "worst_case_usd": str(hold_usd),
+            "worst_case_tokens": hold_tokens,
+            "budgets": [{"id": h.budget_id, "name": h.budget_name, "utilisation_percent": round(h.utilisation_after, 2)} for h in holds],
+        }
     return Admitted(
         call_id=opened.call_id,
         conversation_external_id=opened.conversation_external_id,
         api_key=api_key,
-        model=priced.model,
-        price=priced.price,
+        model=plan.model,
+        price=plan.price,
         upstream=upstream,
         payload=payload,
-        estimated_prompt_tokens=count.tokens,
+        estimated_prompt_tokens=plan.input_tokens,
+        model_encoding=plan.model.encoding,
+        degraded=plan.degraded,
+        reservation=reservation,
     )

@@ -65,3 +65,11 @@ def upstream_error(
         outcome=Outcome.FAILED,
         headers=headers or {},
     )
+
+
+@dataclass
+class PoliteRefusal(GatewayError):
+    """A refusal answered as a normal chat completion whose text is the
+    application's polite reply (HTTP 200, outcome refused)."""
+
+    reason: str = ""

@@ -20,7 +20,7 @@ from conversations import services
 from conversations.gateway import metrics, provider
 from conversations.gateway.admission import Admitted, Headers, admit
 from conversations.gateway.dbsection import db_section
-from conversations.gateway.errors import GatewayError, Outcome, Status
+from conversations.gateway.errors import GatewayError, Outcome, PoliteRefusal, Status
 from conversations.gateway.tokens import count_text
 from conversations.gateway.validation import ChatRequest, parse_body, too_large
 
@@ -72,7 +72,7 @@ def _with_usage(result: services.CallResult, usage: dict | None, admitted: Admit
         result.usage_source = "provider"
     else:
         result.prompt_tokens = admitted.estimated_prompt_tokens
-        result.completion_tokens = count_text(result.content, encoding=admitted.model.encoding).tokens
+        result.completion_tokens = count_text(result.content, encoding=admitted.model_encoding).tokens
         result.cached_tokens = 0
         result.usage_source = "estimated"
 
@@ -90,7 +90,43 @@ def _failure(err: GatewayError, started: float, **kw) -> services.CallResult:
     )
 
 
+def _polite_reply(refusal: PoliteRefusal, chat: ChatRequest, request_id: str) -> HttpResponse:
+    """The application's polite reply, shaped as an ordinary completion so an
+    unmodified client shows it to the end user."""
+    ident, created, model = "gov-" + request_id, int(time.time()), chat.model or ""
+    if not chat.stream:
+        body = {
+            "id": ident, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": refusal.message}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        }
+        resp = HttpResponse(orjson.dumps(body), content_type="application/json")
+    else:
+        def chunk(delta, finish=None, **extra):
+            return b"data: " + orjson.dumps({
+                "id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra,
+            }) + b"\n\n"
+
+        events = [chunk({"role": "assistant", "content": ""}), chunk({"content": refusal.message}), chunk({}, "stop")]
+        if chat.include_usage:
+            events.append(b"data: " + orjson.dumps({
+                "id": ident, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            }) + b"\n\n")
+        events.append(b"data: [DONE]\n\n")
+        resp = HttpResponse(b"".join(events), content_type="text/event-stream")
+    resp["X-Request-ID"] = request_id
+    resp["X-Governance-Outcome"] = Outcome.REFUSED
+    resp["X-Error-Code"] = refusal.code
+    return resp
+
+
 async def _finish(admitted: Admitted, result: services.CallResult) -> services.FinishedCall:
+    if admitted.reservation and not any(d.get("kind") == "budget_reserved" for d in result.decisions):
+        result.decisions.insert(0, admitted.reservation)
+    if admitted.degraded and result.outcome == Outcome.ANSWERED:
+        result.outcome = Outcome.DEGRADED
     # Shielded: a client that goes away must not stop the record being written.
     return await asyncio.shield(db_section(services.finish_call, call_id=admitted.call_id, result=result))
 
@@ -133,6 +169,9 @@ async def _handle(request, started: float) -> HttpResponse:
         admitted = await db_section(
             admit, request_id=request_id, headers=headers, chat=chat, body_error=body_error, started=started
         )
+    except PoliteRefusal as refusal:
+        log.info("gateway.refused_politely", code=refusal.code)
+        return _polite_reply(refusal, chat, request_id)
     except GatewayError as err:
         log.info("gateway.refused", code=err.code, status=err.http_status)
         return err.response(request_id)
@@ -210,7 +249,7 @@ async def _complete(admitted: Admitted, request_id: str, started: float) -> Http
             return _recording_failed(request_id)
         log.info("gateway.answered", call_id=admitted.call_id, tokens=(result.prompt_tokens, result.completion_tokens), latency_ms=result.latency_ms)
         resp = HttpResponse(upstream.content, content_type="application/json")
-        return _headers(resp, request_id, Outcome.ANSWERED, admitted)
+        return _headers(resp, request_id, result.outcome, admitted)
     except asyncio.CancelledError:
         if result is None:
             await _finish(
@@ -363,4 +402,4 @@ async def _stream(admitted: Admitted, chat: ChatRequest, request_id: str, starte
     resp = StreamingHttpResponse(relay(), content_type="text/event-stream")
     resp["Cache-Control"] = "no-cache"
     resp["X-Accel-Buffering"] = "no"
-    return _headers(resp, request_id, Outcome.ANSWERED, admitted)
+    return _headers(resp, request_id, Outcome.DEGRADED if admitted.degraded else Outcome.ANSWERED, admitted)

@@ -60,3 +60,7 @@ def count_messages(messages: list[dict], *, encoding: str = "cl100k_base") -> To
 
             total += len(enc.encode(orjson.dumps(msg["tool_calls"]).decode(), disallowed_special=()))
     return TokenCount(total, used, estimate)
+
+
+def encoder_for(encoding: str) -> tiktoken.Encoding:
+    return _encoding(encoding)[0]

@@ -1,0 +1,258 @@
+"""Budget accounting: reserve the worst case before a call, settle the actual
+cost after, release on failure, expire what a dead process left behind.
+
+Correctness under concurrency rests on one rule: every change to a period's
+spent/reserved happens while holding that BudgetPeriod row's lock, and rows are
+always locked in primary-key order (no deadlocks). Reservation state changes
+are conditional updates, so settle, release and expiry can race without ever
+counting a hold twice.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from budgets.models import Budget, BudgetPeriod, CostEvent, Reservation
+from budgets.periods import period_bounds
+
+
+class BudgetExceeded(Exception):
+    def __init__(self, *, budget: Budget, period: BudgetPeriod, needed_usd: Decimal, needed_tokens: int, unit: str):
+        self.budget = budget
+        self.period = period
+        self.needed_usd = needed_usd
+        self.needed_tokens = needed_tokens
+        self.unit = unit
+        if unit == "usd":
+            left = budget.limit_usd - period.spent_usd - period.reserved_usd
+            msg = (
+                f"Budget '{budget.name}' is exhausted: this request could cost up to ${needed_usd:.6f} "
+                f"and ${max(left, Decimal(0)):.6f} of ${budget.limit_usd:.2f} remains this period."
+            )
+        else:
+            left = budget.limit_tokens - period.spent_tokens - period.reserved_tokens
+            msg = (
+                f"Budget '{budget.name}' is exhausted: this request could use up to {needed_tokens:,} tokens "
+                f"and {max(left, 0):,} of {budget.limit_tokens:,} remain this period."
+            )
+        super().__init__(msg)
+        self.message = msg
+
+
+def subject_for(budget: Budget, end_user: str) -> str:
+    return end_user if budget.scope == Budget.Scope.END_USER and not budget.end_user else ""
+
+
+def period_rows(*, budgets: list[Budget], end_user: str, at: datetime) -> list[BudgetPeriod]:
+    """The accounting row of each budget for the period containing `at`,
+    created on first use (concurrent first uses converge on one row)."""
+    rows = []
+    for budget in budgets:
+        start, end = period_bounds(period=budget.period, tz_name=budget.timezone, at=at)
+        key = {"budget": budget, "subject": subject_for(budget, end_user), "period_start": start}
+        row = BudgetPeriod.objects.filter(**key).first()
+        if row is None:
+            try:
+                with transaction.atomic():
+                    row = BudgetPeriod.objects.create(period_end=end, **key)
+            except IntegrityError:
+                row = BudgetPeriod.objects.get(**key)
+        row.budget = budget
+        rows.append(row)
+    return rows
+
+
+def _lock(period_ids) -> dict[int, BudgetPeriod]:
+    return {
+        p.pk: p
+        for p in BudgetPeriod.objects.select_for_update().select_related("budget").filter(pk__in=set(period_ids)).order_by("pk")
+    }
+
+
+@dataclass(frozen=True)
+class Hold:
+    budget_id: int
+    budget_name: str
+    period_id: int
+    amount_usd: Decimal
+    tokens: int
+    utilisation_after: float
+
+
+def reserve(
+    *,
+    call_id: int,
+    budgets: list[Budget],
+    end_user: str,
+    amount_usd: Decimal,
+    tokens: int,
+    ttl_s: float,
+    at: datetime | None = None,
+) -> list[Hold]:
+    """Hold `amount_usd`/`tokens` on every budget, or on none: raises
+    BudgetExceeded (and the caller's transaction rolls back) if any hard cap
+    would be passed. Must run inside the caller's transaction."""
+    if not budgets:
+        return []
+    at = at or timezone.now()
+    rows = period_rows(budgets=budgets, end_user=end_user, at=at)
+    locked = _lock(r.pk for r in rows)
+    for period in locked.values():
+        budget = period.budget
+        if not budget.hard_cap:
+            continue
+        if budget.limit_usd is not None and period.spent_usd + period.reserved_usd + amount_usd > budget.limit_usd:
+            raise BudgetExceeded(budget=budget, period=period, needed_usd=amount_usd, needed_tokens=tokens, unit="usd")
+        if budget.limit_tokens is not None and period.spent_tokens + period.reserved_tokens + tokens > budget.limit_tokens:
+            raise BudgetExceeded(budget=budget, period=period, needed_usd=amount_usd, needed_tokens=tokens, unit="tokens")
+    expires = at + timedelta(seconds=ttl_s)
+    holds = []
+    for period in locked.values():
+        BudgetPeriod.objects.filter(pk=period.pk).update(
+            reserved_usd=F("reserved_usd") + amount_usd, reserved_tokens=F("reserved_tokens") + tokens
+        )
+        period.reserved_usd += amount_usd
+        period.reserved_tokens += tokens
+        holds.append(
+            Hold(
+                budget_id=period.budget_id,
+                budget_name=period.budget.name,
+                period_id=period.pk,
+                amount_usd=amount_usd,
+                tokens=tokens,
+                utilisation_after=utilisation_of(period),
+            )
+        )
+    Reservation.objects.bulk_create(
+        [
+            Reservation(call_id=call_id, budget_period_id=p.pk, amount_usd=amount_usd, tokens=tokens, created_at=at, expires_at=expires)
+            for p in locked.values()
+        ]
+    )
+    return holds
+
+
+def utilisation_of(period: BudgetPeriod) -> float:
+    """Percent of the limit spent or held (the larger of USD and tokens)."""
+    budget = period.budget
+    pct = 0.0
+    if budget.limit_usd:
+        pct = max(pct, float((period.spent_usd + period.reserved_usd) / budget.limit_usd * 100))
+    elif budget.limit_usd is not None:  # a zero limit is fully used
+        pct = 100.0
+    if budget.limit_tokens:
+        pct = max(pct, (period.spent_tokens + period.reserved_tokens) / budget.limit_tokens * 100)
+    elif budget.limit_tokens is not None:
+        pct = 100.0
+    return pct
+
+
+def _close(*, call_id: int, status: str, cost_usd: Decimal | None, tokens: int | None, include_expired: bool) -> int:
+    """Move a call's holds to `status`, adjusting every period under its lock."""
+    states = [Reservation.Status.HELD] + ([Reservation.Status.EXPIRED] if include_expired else [])
+    reservations = list(Reservation.objects.filter(call_id=call_id, status__in=states))
+    if not reservations:
+        return 0
+    locked = _lock(r.budget_period_id for r in reservations)
+    now = timezone.now()
+    changed = 0
+    for res in reservations:
+        was_held = res.status == Reservation.Status.HELD
+        fields = {"status": status, "closed_at": now}
+        if status == Reservation.Status.SETTLED:
+            fields.update(settled_usd=cost_usd, settled_tokens=tokens)
+        if Reservation.objects.filter(pk=res.pk, status=res.status).update(**fields) != 1:
+            continue  # closed concurrently by someone else
+        changed += 1
+        delta = {}
+        if was_held:
+            delta.update(reserved_usd=F("reserved_usd") - res.amount_usd, reserved_tokens=F("reserved_tokens") - res.tokens)
+        if status == Reservation.Status.SETTLED:
+            delta.update(spent_usd=F("spent_usd") + cost_usd, spent_tokens=F("spent_tokens") + tokens)
+        BudgetPeriod.objects.filter(pk=res.budget_period_id).update(**delta)
+    if status == Reservation.Status.SETTLED:
+        _raise_warnings(list(locked))
+    return changed
+
+
+def settle(*, call_id: int, cost_usd: Decimal, tokens: int) -> int:
+    """Charge the actual cost. A hold that expired before the call came back
+    is charged too: the provider did the work, and the books must say so."""
+    return _close(call_id=call_id, status=Reservation.Status.SETTLED, cost_usd=cost_usd, tokens=tokens, include_expired=True)
+
+
+def release(*, call_id: int) -> int:
+    return _close(call_id=call_id, status=Reservation.Status.RELEASED, cost_usd=None, tokens=None, include_expired=False)
+
+
+def expire_stale_reservations(*, now: datetime | None = None, batch: int = 500) -> int:
+    """Release holds past their expiry (their process died) and close the
+    calls they belonged to as interrupted."""
+    from conversations.models import ProviderCall
+
+    now = now or timezone.now()
+    call_ids = list(
+        Reservation.objects.filter(status=Reservation.Status.HELD, expires_at__lt=now)
+        .values_list("call_id", flat=True)
+        .distinct()[:batch]
+    )
+    expired = 0
+    for call_id in call_ids:
+        with transaction.atomic():
+            expired += _close(call_id=call_id, status=Reservation.Status.EXPIRED, cost_usd=None, tokens=None, include_expired=False)
+            ProviderCall.objects.filter(pk=call_id, status=ProviderCall.Status.IN_PROGRESS).update(
+                status=ProviderCall.Status.INTERRUPTED,
+                outcome=ProviderCall.Outcome.FAILED,
+                error_type="api_error",
+                error_code="interrupted",
+                error_message="The gateway process handling this call stopped before it finished; its budget hold was released.",
+                completed_at=now,
+            )
+    return expired
+
+
+def _raise_warnings(period_ids: list[int]) -> None:
+    for period in BudgetPeriod.objects.select_related("budget", "budget__application").filter(pk__in=period_ids):
+        pct = utilisation_of(period)
+        crossed = [t for t in (period.budget.warn_at or []) if pct >= t and t > period.warned_at_percent]
+        if not crossed:
+            continue
+        level = int(max(crossed))
+        if BudgetPeriod.objects.filter(pk=period.pk, warned_at_percent__lt=level).update(warned_at_percent=level):
+            CostEvent.objects.create(
+                kind=CostEvent.Kind.BUDGET_WARNING,
+                application=period.budget.application,
+                budget=period.budget,
+                message=f"Budget '{period.budget.name}' reached {level}% ({pct:.1f}% used)",
+                details={"period_start": period.period_start.isoformat(), "subject": period.subject, "utilisation": round(pct, 2)},
+            )
+
+
+def applicable_budgets(*, application, api_key, end_user: str, step: str) -> list[Budget]:
+    """Every active budget that a request of this application/key/user/step counts against."""
+    q = Q(scope=Budget.Scope.ORGANISATION) | Q(scope=Budget.Scope.APPLICATION, application=application)
+    q |= Q(scope=Budget.Scope.API_KEY, api_key=api_key)
+    if end_user:
+        q |= Q(scope=Budget.Scope.END_USER, application=application, end_user__in=["", end_user])
+    if step:
+        q |= Q(scope=Budget.Scope.STEP, application=application, step=step)
+    return list(Budget.objects.filter(q, is_active=True).order_by("pk"))
+
+
+def current_utilisation(*, budgets: list[Budget], end_user: str, at: datetime | None = None) -> dict[int, float]:
+    """Budget id → percent used (spent + held) in the current period; no locks."""
+    at = at or timezone.now()
+    out = {}
+    for budget in budgets:
+        start, _ = period_bounds(period=budget.period, tz_name=budget.timezone, at=at)
+        row = BudgetPeriod.objects.filter(budget=budget, subject=subject_for(budget, end_user), period_start=start).first()
+        if row is None:
+            out[budget.pk] = 0.0 if (budget.limit_usd or budget.limit_tokens) else 100.0
+        else:
+            row.budget = budget
+            out[budget.pk] = utilisation_of(row)
+    return out
