@@ -3,7 +3,7 @@ history record with the acting user (simple_history: HistoryRequestMiddleware
 supplies the user for admin saves, inline ones included)."""
 
 from django.contrib import admin, messages
-from django.utils.html import format_html
+from django.utils.safestring import mark_safe
 
 from budgets.models import LanguageModel, ModelPrice
 from budgets.selectors import price_in_force
@@ -42,7 +42,7 @@ class LanguageModelAdmin(HistoryAdmin):
             return "—"
         price = price_in_force(model=obj)
         if price is None:
-            return format_html('<span class="gov-badge gov-bad">no price: refused</span>')
+            return mark_safe('<span class="gov-badge gov-bad">no price: refused</span>')
         return f"{usd(price.input_per_million)} · {usd(price.cached_rate)} · {usd(price.output_per_million)}"
 
     def has_delete_permission(self, request, obj=None):
@@ -129,7 +129,7 @@ class ModelPriceAdmin(HistoryAdmin):
     @admin.display(description="Cached input $/1M", ordering="cached_input_per_million")
     def cached_price(self, obj: ModelPrice) -> str:
         if obj.cached_input_per_million is None:
-            return format_html('<span title="billed at the input price">= input</span>')
+            return mark_safe('<span title="billed at the input price">= input</span>')
         return _per_million(obj.cached_input_per_million)
 
     @admin.display(description="Output $/1M", ordering="output_per_million")
