@@ -85,7 +85,7 @@ if _db["ENGINE"] == "django.db.backends.postgresql":
     _db["OPTIONS"]["pool"] = {
         "min_size": env.int("DB_POOL_MIN", default=2),
         "max_size": env.int("DB_POOL_MAX", default=20),
-        "timeout": env.float("DB_POOL_TIMEOUT", default=10.0),
+        "timeout": env.float("DB_POOL_TIMEOUT", default=3.0),  # fail fast when Postgres is down
     }
     _db["CONN_MAX_AGE"] = 0
 elif _db["ENGINE"] == "django.db.backends.sqlite3":
@@ -108,7 +108,14 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # --- Cache / broker -------------------------------------------------------
 REDIS_URL = env.str("REDIS_URL", default="")
 if REDIS_URL:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            # Short timeouts: a dead Redis must degrade the gateway, not stall it.
+            "OPTIONS": {"socket_timeout": 0.25, "socket_connect_timeout": 0.25},
+        }
+    }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
@@ -176,6 +183,12 @@ GATEWAY = {
     "DEFAULT_MAX_OUTPUT_TOKENS": env.int("GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS", default=4096),
     # A hold not settled by then belongs to a dead process and is released by the reaper.
     "RESERVATION_TTL_S": env.float("GATEWAY_RESERVATION_TTL_S", default=180.0),
+    "BREAKER": {
+        "MIN_CALLS": env.int("BREAKER_MIN_CALLS", default=10),
+        "FAILURE_RATIO": env.float("BREAKER_FAILURE_RATIO", default=0.5),
+        "OPEN_S": env.float("BREAKER_OPEN_S", default=30.0),
+        "PROBE_TIMEOUT_S": env.float("BREAKER_PROBE_TIMEOUT_S", default=30.0),
+    },
 }
 DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY["MAX_BODY_BYTES"]
 

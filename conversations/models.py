@@ -95,6 +95,7 @@ class ProviderCall(models.Model):
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)
     decisions = models.JSONField(default=list, blank=True, help_text="Policy decisions taken, in order.")
+    attempts = models.JSONField(default=list, blank=True, help_text="Every provider attempt: route, outcome, latency.")
     estimated_prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     token_count_is_estimate = models.BooleanField(
         default=False, help_text="The pre-flight count used a substitute encoding."

@@ -154,6 +154,10 @@ class CallResult:
     provider_response_id: str = ""
     provider_model: str = ""
     decisions: list = field(default_factory=list)
+    attempts: list = field(default_factory=list)
+    model_used: str = ""  # set when a fallback answered
+    price_id: int | None = None  # the fallback's price
+    cost_override: Decimal | None = None  # a cache hit costs nothing
 
 
 @dataclass
@@ -171,10 +175,15 @@ def finish_call(*, call_id: int, result: CallResult) -> FinishedCall:
         .only("pk", "conversation_id", "price", "decisions", "status")
         .get(pk=call_id)
     )
+    price = call.price
+    if result.price_id is not None:
+        price = ModelPrice.objects.get(pk=result.price_id)
     cost = None
-    if result.prompt_tokens is not None and call.price is not None:
+    if result.cost_override is not None:
+        cost = result.cost_override
+    elif result.prompt_tokens is not None and price is not None:
         cost = cost_of(
-            price=call.price,
+            price=price,
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens or 0,
             cached_tokens=result.cached_tokens or 0,
@@ -183,7 +192,10 @@ def finish_call(*, call_id: int, result: CallResult) -> FinishedCall:
     if result.prompt_tokens is not None:
         total = result.prompt_tokens + (result.completion_tokens or 0)
     now = timezone.now()
+    route = {"model_used": result.model_used, "price": price} if result.model_used else {}
     updated = ProviderCall.objects.filter(pk=call_id, status=ProviderCall.Status.IN_PROGRESS).update(
+        **route,
+        attempts=result.attempts,
         status=result.status,
         outcome=result.outcome,
         http_status=result.http_status,

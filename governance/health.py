@@ -26,15 +26,32 @@ def _check_broker() -> str | None:
     from config.celery import app
 
     try:
-        with app.connection_for_write() as conn:
+        with app.connection_for_write(url=settings.CELERY_BROKER_URL) as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
     except Exception as exc:  # broker down: reported in the body, never raised
         return f"{type(exc).__name__}"
     return None
 
 
+def _check_shared_cache() -> str | None:
+    """Redis backs breakers, rate limits and the response cache. Without it the
+    gateway still serves (per-process fallback), so this degrades, never fails, readiness."""
+    if not settings.REDIS_URL:
+        return None
+    from django.core.cache import caches
+
+    from conversations.gateway import shared
+
+    try:
+        caches["default"].get("readyz-probe")
+    except Exception as exc:  # any client error means degraded; reported, not hidden
+        return f"degraded ({type(exc).__name__}): breakers, rate limits and cache are per process"
+    return shared.status()
+
+
 def readyz(request):
     checks = {"database": _check_database(), "broker": _check_broker()}
+    cache = _check_shared_cache()
     body = {
         "status": "ready" if not any(checks.values()) else "not ready",
         "checks": {
@@ -42,6 +59,9 @@ def readyz(request):
             for name, err in checks.items()
         },
     }
+    body["checks"]["shared_cache"] = "skipped (not configured)" if not settings.REDIS_URL else (cache or "ok")
+    if cache:
+        body["degraded"] = [cache]
     return JsonResponse(body, status=200 if body["status"] == "ready" else 503)
 
 

@@ -1,5 +1,7 @@
 """Applications (the bots this platform governs) and their API keys."""
 
+from decimal import Decimal
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
@@ -50,6 +52,45 @@ class Application(models.Model):
         blank=True,
         help_text="Overrides OPENAI_API_KEY for this application only. Never shown in logs.",
     )
+    # --- resilience: deadlines, retries, limits, cache, what users see on failure
+    request_deadline_s = models.DecimalField(
+        "request deadline (s)", max_digits=6, decimal_places=2, default=Decimal("60"),
+        validators=[MinValueValidator(Decimal("0.1"))],
+        help_text="Retries and fallbacks never run past this, counted from arrival.",
+    )
+    connect_timeout_s = models.DecimalField(
+        "connect timeout (s)", max_digits=6, decimal_places=2, default=Decimal("5"), validators=[MinValueValidator(Decimal("0.05"))]
+    )
+    read_timeout_s = models.DecimalField(
+        "read timeout (s)", max_digits=6, decimal_places=2, default=Decimal("30"), validators=[MinValueValidator(Decimal("0.05"))],
+        help_text="Longest silence from the provider before an attempt is abandoned.",
+    )
+    max_retries = models.PositiveSmallIntegerField(default=2, validators=[MaxValueValidator(10)], help_text="Per route, on 429/5xx/connection errors.")
+    retry_backoff_ms = models.PositiveIntegerField(default=200, help_text="First backoff; doubles per retry, with jitter.")
+    retry_backoff_max_ms = models.PositiveIntegerField(default=5000)
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True, help_text="Across all keys; blank: unlimited.")
+    tokens_per_minute = models.PositiveIntegerField(null=True, blank=True, help_text="Input + max output, across all keys.")
+    response_cache_ttl_s = models.PositiveIntegerField(
+        "response cache TTL (s)", default=0, help_text="Exact-match cache of non-streaming answers; 0 turns it off."
+    )
+
+    class FailureReply(models.TextChoices):
+        ERROR = "error", "An HTTP error with a machine-readable code"
+        POLITE = "polite", "The messages below, as an ordinary answer"
+
+    failure_reply = models.CharField(max_length=10, choices=FailureReply.choices, default=FailureReply.ERROR)
+    slow_message = models.TextField(
+        default="Sorry, this is taking longer than it should. Please try again in a moment.",
+        help_text="Shown when the deadline passes.",
+    )
+    down_message = models.TextField(
+        default="Our assistant is unavailable right now. Please try again later or contact support.",
+        help_text="Shown when the provider is down (circuit open or every fallback failed).",
+    )
+    flagged_message = models.TextField(
+        default="A reviewer has flagged this answer as possibly wrong. Please double-check it with our support team.",
+        help_text="What the bot shows when it learns an answer was flagged.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     history = HistoricalRecords(excluded_fields=["provider_api_key"])
 
@@ -79,6 +120,8 @@ class ApiKey(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True, help_text="Blank: only the application's limit.")
+    tokens_per_minute = models.PositiveIntegerField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
     history = HistoricalRecords(excluded_fields=["last_used_at"])
 
@@ -92,3 +135,30 @@ class ApiKey(models.Model):
     @property
     def is_revoked(self) -> bool:
         return self.revoked_at is not None
+
+
+class FallbackRoute(models.Model):
+    """Where to go, in order, when the application's primary model fails."""
+
+    application = models.ForeignKey(Application, on_delete=models.CASCADE, related_name="fallbacks")
+    position = models.PositiveSmallIntegerField(default=1)
+    model = models.CharField(max_length=100, help_text="A catalogued model with a price in force.")
+    provider_base_url = models.URLField(blank=True, help_text="Blank: the application's provider.")
+    provider_api_key = models.CharField(max_length=300, blank=True)
+    history = HistoricalRecords(excluded_fields=["provider_api_key"])
+
+    class Meta:
+        ordering = ["application", "position"]
+
+    def __str__(self) -> str:
+        return f"{self.application} → {self.model}"
+
+    def clean(self) -> None:
+        from budgets.models import LanguageModel
+        from budgets.selectors import price_in_force
+
+        model = LanguageModel.objects.filter(name=self.model, is_active=True).first()
+        if model is None:
+            raise ValidationError({"model": f"'{self.model}' is not an active model in the catalogue."})
+        if price_in_force(model=model) is None:
+            raise ValidationError({"model": f"'{self.model}' has no price in force; it would be refused."})

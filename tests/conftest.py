@@ -29,7 +29,13 @@ def sim(simulator):
     """The simulator, reset before each test, and the gateway pointed at it."""
     import httpx
 
+    from django.core.cache import caches
+
+    from conversations.gateway import shared
+
     httpx.post(f"{simulator.control_url}/reset", timeout=5).raise_for_status()
+    caches["default"].clear()  # breakers, rate-limit windows and cached answers start fresh
+    shared._local.clear()
     old = settings.OPENAI_BASE_URL
     settings.OPENAI_BASE_URL = simulator.base_url
     yield simulator

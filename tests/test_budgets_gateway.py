@@ -1,6 +1,7 @@
 """What managers configure changes what the gateway does, visibly: degraded or
 refused outcomes, and every decision written on the call."""
 
+import datetime as dt
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import openai
 import pytest
 from django.conf import settings as django_settings
 from django.db import connection
+from django.utils import timezone
 
 from budgets.models import BudgetPeriod, DegradationRule, Reservation, StepPolicy
 from budgets.services import expire_stale_reservations
@@ -166,7 +168,7 @@ def test_scoped_budgets_apply_by_header(gateway, app_key):
 def test_failed_call_releases_its_hold(gateway, sim, app_key):
     app, _, secret = app_key
     budget = make_budget(application=app, limit_usd=Decimal("5"))
-    httpx.post(f"{sim.control_url}/faults", json={"faults": ["500"]}).raise_for_status()
+    httpx.post(f"{sim.control_url}/faults", json={"faults": ["500"] * (app.max_retries + 1)}).raise_for_status()
     assert chat(gateway, secret, rid="f1").status_code == 502
     period = BudgetPeriod.objects.get(budget=budget)
     assert period.reserved_usd == 0 and period.spent_usd == 0
@@ -224,8 +226,10 @@ def test_killed_worker_hold_expires_and_call_is_interrupted(transactional_db, ap
         finally:
             if proc.poll() is None:
                 proc.kill()
-    time.sleep(1.2)  # past the hold's expiry
-    assert expire_stale_reservations() == 1
+    assert expire_stale_reservations() == 0, "a hold is never reaped before it expires"
+    # holds outlive the application's deadline by 30 s, so a slow call is never reaped while alive
+    later = timezone.now() + dt.timedelta(seconds=float(app.request_deadline_s) + 31)
+    assert expire_stale_reservations(now=later) == 1
     call = ProviderCall.objects.get(request_id="killed")
     assert call.status == "interrupted" and call.outcome == "failed"
     period = BudgetPeriod.objects.get(budget=budget)

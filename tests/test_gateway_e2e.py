@@ -159,7 +159,9 @@ UPSTREAM_FAULTS = [
 
 @pytest.mark.parametrize("fault,status,code,exc", UPSTREAM_FAULTS, ids=[f[0] for f in UPSTREAM_FAULTS])
 def test_upstream_failures_are_answered_and_recorded(gateway, sim, app_key, fault, status, code, exc):
-    _, _, secret = app_key
+    app, _, secret = app_key
+    app.max_retries = 0  # retries are covered in test_resilience.py
+    app.save()
     httpx.post(f"{sim.control_url}/faults", json={"faults": [fault]}).raise_for_status()
     with pytest.raises(exc) as info:
         client(gateway, secret).chat.completions.create(
@@ -177,23 +179,21 @@ def test_upstream_failures_are_answered_and_recorded(gateway, sim, app_key, faul
         assert info.value.response.headers["retry-after"]
 
 
-def test_provider_timeout(gateway, sim, app_key, settings):
-    _, _, secret = app_key
-    settings.GATEWAY = {**settings.GATEWAY, "PROVIDER_TIMEOUT_S": 0.5}
-    from conversations.gateway import provider
-
-    provider._clients.clear()
-    try:
-        httpx.post(f"{sim.control_url}/faults", json={"faults": ["hang"]}).raise_for_status()
-        with pytest.raises(openai.APIStatusError) as info:
-            client(gateway, secret).chat.completions.create(
-                model="gpt-4o-mini", messages=MESSAGES, extra_headers={"X-Request-ID": "req-hang"}
-            )
-        assert info.value.status_code == 504
-        call = ProviderCall.objects.get(request_id="req-hang")
-        assert call.error_code == "upstream_timeout" and call.status == "failed"
-    finally:
-        provider._clients.clear()
+def test_provider_timeout(gateway, sim, app_key):
+    app, _, secret = app_key
+    app.max_retries = 0
+    app.read_timeout_s = 0.5
+    app.save()
+    httpx.post(f"{sim.control_url}/faults", json={"faults": ["hang"]}).raise_for_status()
+    with pytest.raises(openai.APIStatusError) as info:
+        client(gateway, secret).chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, extra_headers={"X-Request-ID": "req-hang"}
+        )
+    assert info.value.status_code == 504
+    assert info.value.response.headers["x-governance-reason"] == "provider_down"
+    call = ProviderCall.objects.get(request_id="req-hang")
+    assert call.error_code == "upstream_timeout" and call.status == "failed"
+    assert [a["outcome"] for a in call.attempts] == ["error"]
 
 
 def test_stream_cut_midway_ends_with_error_event_and_partial_record(gateway, sim, app_key):

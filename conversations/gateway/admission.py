@@ -19,6 +19,8 @@ from budgets.selectors import ModelNotPriced, UnknownModel, priced_model
 from budgets.services import BudgetExceeded, applicable_budgets, current_utilisation, reserve
 from conversations import services
 from conversations.gateway.errors import GatewayError, PoliteRefusal, auth_error, invalid
+from conversations.gateway import ratelimit
+from conversations.gateway.attempts import Policy, Route
 from conversations.gateway.provider import Upstream
 from conversations.gateway.tokens import count_messages, encoder_for
 from conversations.gateway.validation import ChatRequest
@@ -74,22 +76,25 @@ class Admitted:
     call_id: int
     conversation_external_id: str
     api_key: ApiKey
-    model: LanguageModel
-    price: ModelPrice
-    upstream: Upstream
-    payload: dict
+    routes: list[Route]
+    policy: Policy
     estimated_prompt_tokens: int
     model_encoding: str
     degraded: bool = False
     reservation: dict | None = None
+    cache_key: str = ""
+    cache_ttl_s: int = 0
+    failure_reply: str = "error"
+    slow_message: str = ""
+    down_message: str = ""
 
 
 def _elapsed_ms(started: float) -> int:
     return int((time.perf_counter() - started) * 1000)
 
 
-def _payload(chat: ChatRequest, plan: Plan, app) -> dict:
-    payload = {"model": plan.model.provider_model, "messages": plan.messages, **chat.extra}
+def _payload(chat: ChatRequest, plan: Plan, app, model: LanguageModel) -> dict:
+    payload = {"model": model.provider_model, "messages": plan.messages, **chat.extra}
     temperature = chat.temperature if chat.temperature is not None else app.default_temperature
     if temperature is not None:
         payload["temperature"] = float(temperature)
@@ -105,6 +110,44 @@ def _payload(chat: ChatRequest, plan: Plan, app) -> dict:
         payload["stream"] = True
         payload["stream_options"] = {"include_usage": True}
     return payload
+
+
+def _routes(app, chat: ChatRequest, plan: Plan) -> list[Route]:
+    """The primary model, then each fallback with a price in force (a fallback
+    that cannot be priced is skipped and said so)."""
+    routes = [Route(plan.model, plan.price, Upstream.for_application(app), _payload(chat, plan, app, plan.model))]
+    seen = {(routes[0].upstream.base_url, plan.model.name)}
+    for fb in app.fallbacks.all():
+        upstream = Upstream.for_application(app, base_url=fb.provider_base_url, api_key=fb.provider_api_key)
+        if (upstream.base_url, fb.model) in seen:
+            continue
+        try:
+            priced = priced_model(name=fb.model)
+        except (UnknownModel, ModelNotPriced):
+            plan.decisions.append({"kind": "fallback_skipped", "model": fb.model, "why": "not catalogued or no price in force"})
+            continue
+        seen.add((upstream.base_url, fb.model))
+        routes.append(Route(priced.model, priced.price, upstream, _payload(chat, plan, app, priced.model), fallback=True))
+    return routes
+
+
+def _limits(app, api_key: ApiKey) -> list[ratelimit.Limit]:
+    limits = []
+    if api_key.requests_per_minute or api_key.tokens_per_minute:
+        limits.append(ratelimit.Limit("key", api_key.pk, api_key.requests_per_minute, api_key.tokens_per_minute))
+    if app.requests_per_minute or app.tokens_per_minute:
+        limits.append(ratelimit.Limit("application", app.pk, app.requests_per_minute, app.tokens_per_minute))
+    return limits
+
+
+def _cache_key(app, payload: dict) -> str:
+    """Exact match on model, messages and parameters, within one application."""
+    import hashlib
+
+    import orjson
+
+    digest = hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return f"respcache:{app.pk}:{digest}"
 
 
 def _count_for(messages: list[dict], model: LanguageModel) -> tuple[int, bool]:
@@ -268,12 +311,17 @@ def admit(
         default = min(settings.GATEWAY["DEFAULT_MAX_OUTPUT_TOKENS"], max(1, plan.model.context_window - plan.input_tokens))
         plan.decisions.append({"kind": "max_tokens_defaulted", "to": default, "why": "a budget applies; the worst case must be bounded"})
         plan.max_tokens = default
-    hold_usd, hold_tokens = worst_case(
-        price=plan.price, input_tokens=plan.input_tokens, is_estimate=plan.input_is_estimate, max_tokens=plan.max_tokens or 0
+    routes = _routes(app, chat, plan)
+    hold_usd, hold_tokens = max(
+        worst_case(price=r.price, input_tokens=plan.input_tokens, is_estimate=plan.input_is_estimate, max_tokens=plan.max_tokens or 0)
+        for r in routes
     )
-
-    upstream = Upstream.for_application(app)
-    payload = _payload(chat, plan, app)
+    try:
+        ratelimit.check(limits=_limits(app, api_key), tokens=plan.input_tokens + (plan.max_tokens or 0))
+    except GatewayError as err:
+        raise refuse(err, decisions=[*plan.decisions, {"kind": "refused", "by": "rate_limit"}]) from None
+    policy = Policy.for_application(app)
+    upstream = routes[0].upstream
     try:
         with transaction.atomic():
             opened = services.open_call(
@@ -299,7 +347,7 @@ def admit(
                 end_user=end_user,
                 amount_usd=hold_usd,
                 tokens=hold_tokens,
-                ttl_s=settings.GATEWAY["RESERVATION_TTL_S"],
+                ttl_s=max(settings.GATEWAY["RESERVATION_TTL_S"], policy.deadline_s + 30),
             )
     except BudgetExceeded as exc:
         mode = _refusal_mode(rules)
@@ -320,12 +368,15 @@ def admit(
         call_id=opened.call_id,
         conversation_external_id=opened.conversation_external_id,
         api_key=api_key,
-        model=plan.model,
-        price=plan.price,
-        upstream=upstream,
-        payload=payload,
+        routes=routes,
+        policy=policy,
         estimated_prompt_tokens=plan.input_tokens,
         model_encoding=plan.model.encoding,
         degraded=plan.degraded,
         reservation=reservation,
+        cache_key=_cache_key(app, routes[0].payload) if app.response_cache_ttl_s and not chat.stream else "",
+        cache_ttl_s=app.response_cache_ttl_s,
+        failure_reply=app.failure_reply,
+        slow_message=app.slow_message,
+        down_message=app.down_message,
     )

@@ -7,6 +7,7 @@ The provider leg and the relay are async; the two database sections
 
 import asyncio
 import time
+from decimal import Decimal
 
 import httpx
 import orjson
@@ -17,7 +18,8 @@ from django.db import Error as DatabaseError
 from django.http import HttpResponse, StreamingHttpResponse
 
 from conversations import services
-from conversations.gateway import metrics, provider
+from conversations.gateway import metrics, provider, shared
+from conversations.gateway.attempts import Attempts, AttemptsFailed, send
 from conversations.gateway.admission import Admitted, Headers, admit
 from conversations.gateway.dbsection import db_section
 from conversations.gateway.errors import GatewayError, Outcome, PoliteRefusal, Status
@@ -78,6 +80,7 @@ def _with_usage(result: services.CallResult, usage: dict | None, admitted: Admit
 
 
 def _failure(err: GatewayError, started: float, **kw) -> services.CallResult:
+    kw.setdefault("provider_latency_ms", None)
     return services.CallResult(
         status=err.status,
         outcome=err.outcome,
@@ -90,32 +93,36 @@ def _failure(err: GatewayError, started: float, **kw) -> services.CallResult:
     )
 
 
-def _polite_reply(refusal: PoliteRefusal, chat: ChatRequest, request_id: str) -> HttpResponse:
-    """The application's polite reply, shaped as an ordinary completion so an
-    unmodified client shows it to the end user."""
-    ident, created, model = "gov-" + request_id, int(time.time()), chat.model or ""
-    if not chat.stream:
+def _assistant_reply(text: str, *, model: str, request_id: str, stream: bool, include_usage: bool) -> HttpResponse:
+    """A reply written by the gateway (a polite refusal or failure message),
+    shaped as an ordinary completion so an unmodified client shows it."""
+    ident, created = "gov-" + request_id, int(time.time())
+    zero = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    if not stream:
         body = {
             "id": ident, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": refusal.message}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": zero,
         }
-        resp = HttpResponse(orjson.dumps(body), content_type="application/json")
-    else:
-        def chunk(delta, finish=None, **extra):
-            return b"data: " + orjson.dumps({
-                "id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra,
-            }) + b"\n\n"
+        return HttpResponse(orjson.dumps(body), content_type="application/json")
 
-        events = [chunk({"role": "assistant", "content": ""}), chunk({"content": refusal.message}), chunk({}, "stop")]
-        if chat.include_usage:
-            events.append(b"data: " + orjson.dumps({
-                "id": ident, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
-                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-            }) + b"\n\n")
-        events.append(b"data: [DONE]\n\n")
-        resp = HttpResponse(b"".join(events), content_type="text/event-stream")
+    def event(choices, **extra) -> bytes:
+        payload = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices, **extra}
+        return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+    events = [
+        event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]),
+        event([{"index": 0, "delta": {"content": text}, "finish_reason": None}]),
+        event([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+    ]
+    if include_usage:
+        events.append(event([], usage=zero))
+    events.append(b"data: [DONE]\n\n")
+    return HttpResponse(b"".join(events), content_type="text/event-stream")
+
+
+def _polite_reply(refusal: PoliteRefusal, chat: ChatRequest, request_id: str) -> HttpResponse:
+    resp = _assistant_reply(refusal.message, model=chat.model or "", request_id=request_id, stream=chat.stream, include_usage=chat.include_usage)
     resp["X-Request-ID"] = request_id
     resp["X-Governance-Outcome"] = Outcome.REFUSED
     resp["X-Error-Code"] = refusal.code
@@ -205,51 +212,20 @@ async def complete_for_api(
 
 
 async def _complete(admitted: Admitted, request_id: str, started: float) -> HttpResponse:
-    client = provider.client_for(admitted.upstream.base_url)
-    asked = time.perf_counter()
+    attempts = Attempts(started=started)
     result = None
     try:
+        cached = _cached(admitted)
+        if cached is not None:
+            return await _answer(admitted, request_id, started, cached, admitted.routes[0], attempts, cache_hit=True)
         try:
-            upstream = await client.send(provider.build_request(admitted.upstream, admitted.payload))
-        except httpx.HTTPError as exc:
-            err = provider.transport_error(exc)
-            result = _failure(err, started, provider_latency_ms=_ms(asked))
-            return await _error_reply(admitted, result, err, request_id)
-        provider_ms = _ms(asked)
-        if upstream.status_code >= 400:
-            err = provider.http_error(upstream)
-            result = _failure(err, started, provider_latency_ms=provider_ms)
-            return await _error_reply(admitted, result, err, request_id)
-        try:
-            body = orjson.loads(upstream.content)
-            choice = body["choices"][0]
-            message = choice.get("message") or {}
-        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
-            err = provider.malformed("the body is not a chat completion")
-            result = _failure(err, started, provider_latency_ms=provider_ms)
-            return await _error_reply(admitted, result, err, request_id)
-        result = services.CallResult(
-            status=Status.SUCCEEDED,
-            outcome=Outcome.ANSWERED,
-            http_status=200,
-            latency_ms=0,
-            provider_latency_ms=provider_ms,
-            content=message.get("content") or "",
-            tool_calls=message.get("tool_calls"),
-            finish_reason=choice.get("finish_reason") or "",
-            provider_response_id=str(body.get("id") or ""),
-            provider_model=str(body.get("model") or ""),
-        )
-        _with_usage(result, _usage(body) if body.get("usage") else None, admitted)
-        result.latency_ms = _ms(started)
-        try:
-            await _finish(admitted, result)
-        except DatabaseError:
-            log.exception("gateway.record_failed", call_id=admitted.call_id)
-            return _recording_failed(request_id)
-        log.info("gateway.answered", call_id=admitted.call_id, tokens=(result.prompt_tokens, result.completion_tokens), latency_ms=result.latency_ms)
-        resp = HttpResponse(upstream.content, content_type="application/json")
-        return _headers(resp, request_id, result.outcome, admitted)
+            sent = await send(routes=admitted.routes, policy=admitted.policy, attempts=attempts, stream=False)
+        except AttemptsFailed as failed:
+            result = _failure(failed.err, started, attempts=attempts.items)
+            return await _error_reply(admitted, result, failed, request_id, stream=False)
+        result = True
+        _store_cached(admitted, sent.response.content)
+        return await _answer(admitted, request_id, started, sent.response.content, sent.route, attempts, body=sent.body)
     except asyncio.CancelledError:
         if result is None:
             await _finish(
@@ -260,16 +236,78 @@ async def _complete(admitted: Admitted, request_id: str, started: float) -> Http
                     http_status=499,
                     latency_ms=_ms(started),
                     error_code="client_disconnected",
-                    error_message="The client disconnected before the answer arrived.",
+                    error_message="The client disconnected before the answer arrived; the provider call was cancelled.",
+                    attempts=attempts.items,
                 ),
             )
         raise
 
 
-async def _error_reply(admitted: Admitted, result: services.CallResult, err: GatewayError, request_id: str):
-    log.warning("gateway.upstream_failed", code=err.code, status=err.http_status, call_id=admitted.call_id)
+async def _answer(admitted, request_id, started, raw: bytes, route, attempts, *, body=None, cache_hit=False) -> HttpResponse:
+    body = body if body is not None else orjson.loads(raw)
+    choice = body["choices"][0]
+    message = choice.get("message") or {}
+    result = services.CallResult(
+        status=Status.SUCCEEDED,
+        outcome=Outcome.ANSWERED,
+        http_status=200,
+        latency_ms=0,
+        provider_latency_ms=attempts.items[-1]["latency_ms"] if attempts.items else 0,
+        content=message.get("content") or "",
+        tool_calls=message.get("tool_calls"),
+        finish_reason=choice.get("finish_reason") or "",
+        provider_response_id=str(body.get("id") or ""),
+        provider_model=str(body.get("model") or ""),
+        attempts=attempts.items,
+        **_route_fields(admitted, route),
+    )
+    _with_usage(result, _usage(body) if body.get("usage") else None, admitted)
+    if cache_hit:
+        result.cost_override = Decimal(0)
+        result.provider_latency_ms = 0
+        result.decisions.append({"kind": "cache_hit", "provider_cost_usd": "0"})
+    result.latency_ms = _ms(started)
+    try:
+        await _finish(admitted, result)
+    except DatabaseError:
+        log.exception("gateway.record_failed", call_id=admitted.call_id)
+        return _recording_failed(request_id)
+    log.info("gateway.answered", call_id=admitted.call_id, tokens=(result.prompt_tokens, result.completion_tokens), latency_ms=result.latency_ms, cache_hit=cache_hit)
+    resp = HttpResponse(raw, content_type="application/json")
+    return _headers(resp, request_id, result.outcome, admitted)
+
+
+def _route_fields(admitted: Admitted, route) -> dict:
+    """A fallback route changes the model used and the price billed."""
+    if route is admitted.routes[0]:
+        return {}
+    return {"model_used": route.model.name, "price_id": route.price.pk, "decisions": [{"kind": "fallback_used", "model": route.model.name, "provider": route.upstream.base_url}]}
+
+
+def _cached(admitted: Admitted) -> bytes | None:
+    if not admitted.cache_key:
+        return None
+    return shared.get(admitted.cache_key)
+
+
+def _store_cached(admitted: Admitted, raw: bytes) -> None:
+    if admitted.cache_key:
+        shared.set(admitted.cache_key, raw, admitted.cache_ttl_s)
+
+
+async def _error_reply(admitted: Admitted, result: services.CallResult, failed: AttemptsFailed, request_id: str, *, stream: bool):
+    err = failed.err
+    log.warning("gateway.upstream_failed", code=err.code, status=err.http_status, reason=failed.reason, call_id=admitted.call_id)
+    result.decisions.append({"kind": "failure", "reason": failed.reason, "code": err.code, "reply": admitted.failure_reply})
     await _finish(admitted, result)
-    return _headers(err.response(request_id), request_id, err.outcome, admitted)
+    if admitted.failure_reply == "polite" and failed.reason in ("deadline_exceeded", "provider_down"):
+        text = admitted.slow_message if failed.reason == "deadline_exceeded" else admitted.down_message
+        resp = _assistant_reply(text, model=admitted.routes[0].model.name, request_id=request_id, stream=stream, include_usage=False)
+        resp = _headers(resp, request_id, Outcome.FAILED, admitted)
+    else:
+        resp = _headers(err.response(request_id), request_id, err.outcome, admitted)
+    resp["X-Governance-Reason"] = failed.reason
+    return resp
 
 
 class _StreamState:
@@ -316,22 +354,21 @@ def _sse_error(err: GatewayError) -> bytes:
     return b"data: " + orjson.dumps(err.body()) + b"\n\n"
 
 
+def _sse_error(err: GatewayError) -> bytes:
+    return b"data: " + orjson.dumps(err.body()) + b"\n\n"
+
+
 async def _stream(admitted: Admitted, chat: ChatRequest, request_id: str, started: float) -> HttpResponse:
-    client = provider.client_for(admitted.upstream.base_url)
-    asked = time.perf_counter()
+    attempts = Attempts(started=started)
     try:
-        upstream = await client.send(provider.build_request(admitted.upstream, admitted.payload), stream=True)
-    except httpx.HTTPError as exc:
-        err = provider.transport_error(exc)
-        return await _error_reply(admitted, _failure(err, started, provider_latency_ms=_ms(asked)), err, request_id)
+        sent = await send(routes=admitted.routes, policy=admitted.policy, attempts=attempts, stream=True)
+    except AttemptsFailed as failed:
+        return await _error_reply(admitted, _failure(failed.err, started, attempts=attempts.items), failed, request_id, stream=True)
     except asyncio.CancelledError:
-        await _finish(admitted, _failure(GatewayError(499, "The client disconnected.", "client_disconnected", status=Status.CANCELLED, outcome=Outcome.FAILED), started))
+        await _finish(admitted, _failure(GatewayError(499, "The client disconnected.", "client_disconnected", status=Status.CANCELLED, outcome=Outcome.FAILED), started, attempts=attempts.items))
         raise
-    if upstream.status_code >= 400:
-        await upstream.aread()
-        await upstream.aclose()
-        err = provider.http_error(upstream)
-        return await _error_reply(admitted, _failure(err, started, provider_latency_ms=_ms(asked)), err, request_id)
+    upstream, route = sent.response, sent.route
+    asked = time.perf_counter()
 
     async def relay():
         state = _StreamState()
@@ -370,22 +407,19 @@ async def _stream(admitted: Admitted, chat: ChatRequest, request_id: str, starte
             raise
         finally:
             await upstream.aclose()
+            common = dict(latency_ms=_ms(started), provider_latency_ms=_ms(asked), attempts=attempts.items, **_route_fields(admitted, route))
             if cancelled:
                 result = state.result(
-                    status=Status.CANCELLED, outcome=Outcome.FAILED, http_status=499, latency_ms=_ms(started),
-                    provider_latency_ms=_ms(asked), error_code="client_disconnected",
-                    error_message="The client disconnected during the stream.",
+                    status=Status.CANCELLED, outcome=Outcome.FAILED, http_status=499, error_code="client_disconnected",
+                    error_message="The client disconnected during the stream; the provider stream was closed.", **common,
                 )
             elif err is not None:
                 result = state.result(
-                    status=err.status, outcome=err.outcome, http_status=200, latency_ms=_ms(started),
-                    provider_latency_ms=_ms(asked), error_type=err.type, error_code=err.code, error_message=err.message,
+                    status=err.status, outcome=err.outcome, http_status=200, error_type=err.type, error_code=err.code,
+                    error_message=err.message, **common,
                 )
             else:
-                result = state.result(
-                    status=Status.SUCCEEDED, outcome=Outcome.ANSWERED, http_status=200,
-                    latency_ms=_ms(started), provider_latency_ms=_ms(asked),
-                )
+                result = state.result(status=Status.SUCCEEDED, outcome=Outcome.ANSWERED, http_status=200, **common)
             _with_usage(result, state.usage, admitted)
             try:
                 await _finish(admitted, result)

@@ -23,10 +23,11 @@ class Upstream:
     api_key: str
 
     @classmethod
-    def for_application(cls, app) -> "Upstream":
+    def for_application(cls, app, *, base_url: str = "", api_key: str = "") -> "Upstream":
+        """The application's provider, or a fallback route's own override."""
         return cls(
-            base_url=(app.provider_base_url or settings.OPENAI_BASE_URL).rstrip("/"),
-            api_key=app.provider_api_key or settings.OPENAI_API_KEY,
+            base_url=(base_url or app.provider_base_url or settings.OPENAI_BASE_URL).rstrip("/"),
+            api_key=api_key or app.provider_api_key or settings.OPENAI_API_KEY,
         )
 
 
@@ -46,12 +47,14 @@ def client_for(base_url: str) -> httpx.AsyncClient:
     return client
 
 
-def build_request(upstream: Upstream, payload: dict) -> httpx.Request:
+def build_request(upstream: Upstream, payload: dict, *, timeout: httpx.Timeout | None = None) -> httpx.Request:
+    extra = {"timeout": timeout} if timeout is not None else {}
     return client_for(upstream.base_url).build_request(
         "POST",
         "/chat/completions",
         content=orjson.dumps(payload),
         headers={"Authorization": f"Bearer {upstream.api_key}", "Content-Type": "application/json"},
+        **extra,
     )
 
 

@@ -1,0 +1,109 @@
+"""A circuit breaker per provider and model, shared by all workers.
+
+Closed: calls go through; failures and calls are counted in 10-second buckets.
+It opens when, over the last 30 seconds, at least `MIN_CALLS` calls were made
+and the failure ratio reached `FAILURE_RATIO`. Open: calls are refused at once
+for `OPEN_S`. Then half-open: exactly one worker wins the probe (an atomic
+`add`); its success closes the breaker, its failure opens it again.
+"""
+
+import time
+from dataclasses import dataclass
+
+from django.conf import settings
+
+from conversations.gateway import shared
+
+BUCKET_S = 10
+WINDOW_BUCKETS = 3
+REGISTRY = "cb:registry"
+
+
+def _cfg(name: str):
+    return settings.GATEWAY["BREAKER"][name]
+
+
+def key_for(base_url: str, model: str) -> str:
+    return f"{base_url}|{model}"
+
+
+def _buckets(now: float) -> list[int]:
+    b = int(now // BUCKET_S)
+    return [b - i for i in range(WINDOW_BUCKETS)]
+
+
+def _register(key: str) -> None:
+    known = shared.get(REGISTRY) or []
+    if key not in known:
+        shared.set(REGISTRY, [*known, key][-500:], None)
+
+
+def allow(key: str, *, now: float | None = None) -> bool:
+    now = now or time.time()
+    open_until = shared.get(f"cb:{key}:open")
+    if open_until is None:
+        return True
+    if now < open_until:
+        return False
+    # half-open: one probe at a time, the probe slot expires with the read timeout
+    return shared.add(f"cb:{key}:probe", now, ttl=_cfg("PROBE_TIMEOUT_S"))
+
+
+def record(key: str, ok: bool, *, now: float | None = None) -> None:
+    now = now or time.time()
+    bucket = _buckets(now)[0]
+    shared.incr(f"cb:{key}:{bucket}:n", 1, ttl=BUCKET_S * (WINDOW_BUCKETS + 1))
+    if not ok:
+        shared.incr(f"cb:{key}:{bucket}:f", 1, ttl=BUCKET_S * (WINDOW_BUCKETS + 1))
+    open_until = shared.get(f"cb:{key}:open")
+    half_open = open_until is not None and now >= open_until
+    if ok:
+        if half_open:
+            _close(key, now)
+        return
+    if half_open:
+        _open(key, now)
+        return
+    calls, failures = _window(key, now)
+    if calls >= _cfg("MIN_CALLS") and failures / calls >= _cfg("FAILURE_RATIO") and open_until is None:
+        _open(key, now)
+
+
+def _window(key: str, now: float) -> tuple[int, int]:
+    names = [f"cb:{key}:{b}:{kind}" for b in _buckets(now) for kind in ("n", "f")]
+    values = shared.get_many(names)
+    calls = sum(v for k, v in values.items() if k.endswith(":n"))
+    failures = sum(v for k, v in values.items() if k.endswith(":f"))
+    return calls, failures
+
+
+def _open(key: str, now: float) -> None:
+    shared.set(f"cb:{key}:open", now + _cfg("OPEN_S"), None)
+    shared.delete_many([f"cb:{key}:probe"])
+    _register(key)
+
+
+def _close(key: str, now: float) -> None:
+    names = [f"cb:{key}:open", f"cb:{key}:probe"] + [f"cb:{key}:{b}:{k}" for b in _buckets(now) for k in ("n", "f")]
+    shared.delete_many(names)
+
+
+@dataclass(frozen=True)
+class BreakerState:
+    key: str
+    state: str  # closed | open | half-open
+    calls: int
+    failures: int
+    open_until: float | None
+
+
+def states(*, now: float | None = None) -> list[BreakerState]:
+    """Every breaker that has opened at least once, for the admin screen."""
+    now = now or time.time()
+    out = []
+    for key in shared.get(REGISTRY) or []:
+        open_until = shared.get(f"cb:{key}:open")
+        calls, failures = _window(key, now)
+        state = "closed" if open_until is None else ("open" if now < open_until else "half-open")
+        out.append(BreakerState(key, state, calls, failures, open_until))
+    return out

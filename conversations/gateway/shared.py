@@ -1,0 +1,110 @@
+"""Counters shared by every gateway worker: Django's cache, which is Redis in
+production. If Redis stops answering, the gateway keeps serving: each process
+falls back to its own memory for a while, logs it once, and /readyz says so.
+
+Redis calls are short (socket timeouts of a quarter second, set in settings)
+and after a failure Redis is not tried again for a few seconds, so a dead
+Redis costs at most one timeout per process per few seconds."""
+
+import threading
+import time
+
+import structlog
+from django.core.cache import caches
+from django.core.cache.backends.locmem import LocMemCache
+
+log = structlog.get_logger("gateway.shared")
+
+RETRY_AFTER_S = 5.0
+_local = LocMemCache("gateway-local-fallback", {"MAX_ENTRIES": 100_000})
+_lock = threading.Lock()
+_down_until = 0.0
+_down_since: float | None = None
+
+
+def _shared_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        import redis
+
+        errors.append(redis.exceptions.RedisError)
+    except ImportError:  # pragma: no cover - redis is a dependency
+        pass
+    return tuple(errors)
+
+
+_ERRORS = _shared_errors()
+
+
+def status() -> str | None:
+    """None when shared state works; otherwise why features are degraded."""
+    if _down_since is None:
+        return None
+    return f"shared cache unreachable since {time.strftime('%H:%M:%S', time.gmtime(_down_since))} UTC; per-process fallback"
+
+
+def _backend():
+    if time.monotonic() < _down_until:
+        return _local
+    return caches["default"]
+
+
+def _failed(exc: BaseException) -> None:
+    global _down_until, _down_since
+    with _lock:
+        _down_until = time.monotonic() + RETRY_AFTER_S
+        if _down_since is None:
+            _down_since = time.time()
+            log.warning("shared_cache.down", error=type(exc).__name__, fallback="per-process memory")
+
+
+def _ok(backend) -> None:
+    global _down_since
+    if backend is not _local and _down_since is not None:
+        with _lock:
+            if _down_since is not None:
+                log.warning("shared_cache.back", down_for_s=round(time.time() - _down_since, 1))
+                _down_since = None
+
+
+def _call(op: str, *args, **kwargs):
+    backend = _backend()
+    try:
+        result = getattr(backend, op)(*args, **kwargs)
+    except _ERRORS as exc:
+        if backend is _local:
+            raise
+        _failed(exc)
+        return getattr(_local, op)(*args, **kwargs)
+    _ok(backend)
+    return result
+
+
+def incr(key: str, delta: int, ttl: int) -> int:
+    """Atomic add to a counter that lives `ttl` seconds from its first use."""
+    _call("add", key, 0, ttl)
+    try:
+        return _call("incr", key, delta)
+    except ValueError:  # expired between add and incr
+        _call("add", key, 0, ttl)
+        return _call("incr", key, delta)
+
+
+def add(key: str, value, ttl: float) -> bool:
+    return _call("add", key, value, ttl)
+
+
+def get(key: str, default=None):
+    return _call("get", key, default)
+
+
+def get_many(keys: list[str]) -> dict:
+    return _call("get_many", keys)
+
+
+def set(key: str, value, ttl: float | None) -> None:  # noqa: A001 - mirrors the cache API
+    _call("set", key, value, ttl)
+
+
+def delete_many(keys: list[str]) -> None:
+    _call("delete_many", keys)
