@@ -7,6 +7,7 @@ is the one path allowed to bypass them, explicitly).
 """
 
 import pgtrigger
+from django.conf import settings
 from django.db import models
 
 from governance.models import ApiKey, Application
@@ -185,3 +186,25 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role}: {self.content[:60]}"
+
+
+class AnswerFlag(models.Model):
+    """Someone (a support agent, or the bot on a user's behalf) says an answer
+    was wrong. Append-only: reviewers' verdicts are recorded separately."""
+
+    call = models.ForeignKey(ProviderCall, on_delete=models.PROTECT, related_name="flags")
+    reason = models.TextField()
+    raised_by_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    raised_by_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = AppendOnlyQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        triggers = [pgtrigger.Protect(name="flags_append_only", operation=pgtrigger.Update | pgtrigger.Delete)]
+
+    def __str__(self) -> str:
+        return f"flag on {self.call.request_id}"

@@ -328,3 +328,10 @@ def mark_interrupted_calls(*, older_than_s: float | None = None) -> int:
         error_message="The gateway process handling this call stopped before it finished.",
         completed_at=now,
     )
+
+
+@transaction.atomic
+def flag_answer(*, call: ProviderCall, reason: str, api_key: ApiKey | None = None, user=None):
+    from conversations.models import AnswerFlag
+
+    return AnswerFlag.objects.create(call=call, reason=reason, raised_by_key=api_key, raised_by_user=user)

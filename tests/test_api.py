@@ -120,3 +120,25 @@ def test_schema_and_docs_are_served(client, db):
     schema = client.get("/api/schema/")
     assert schema.status_code == 200 and b"/api/v1/conversations/" in schema.content
     assert client.get("/api/docs/").status_code == 200
+
+
+def test_flagged_answer_status_for_the_bot(sim, app_key, other_app_key):
+    import httpx as _httpx
+
+    app, _, secret = app_key
+    c = api(secret)
+    c.post("/api/v1/conversations/", {"id": "t"}, format="json")
+    rid = c.post("/api/v1/conversations/t/messages/", {"content": "What is your refund policy?"}, format="json").json()["request_id"]
+    status = c.get(f"/api/v1/calls/{rid}/").json()
+    assert status["flagged"] is False and status["user_message"] is None and status["outcome"] == "answered"
+
+    flagged = c.post(f"/api/v1/calls/{rid}/flags/", {"reason": "It promised a refund we don't offer."}, format="json")
+    assert flagged.status_code == 201
+    status = c.get(f"/api/v1/calls/{rid}/").json()
+    assert status["flagged"] is True and status["user_message"] == app.flagged_message
+    assert status["flags"][0]["reason"] == "It promised a refund we don't offer."
+
+    assert_error(c.post(f"/api/v1/calls/{rid}/flags/", {"reason": "  "}, format="json"), 400)
+    assert_error(api(other_app_key[2]).get(f"/api/v1/calls/{rid}/"), 404)
+    assert_error(api(other_app_key[2]).post(f"/api/v1/calls/{rid}/flags/", {"reason": "x"}, format="json"), 404)
+    assert_error(c.get("/api/v1/calls/no-such-call/"), 404)

@@ -31,3 +31,17 @@ def transcript(*, conversation: Conversation) -> list[Message]:
     if call is None:
         return []
     return list(Message.objects.filter(call=call).order_by("direction", "position"))
+
+
+def call_of(*, application: Application, request_id: str) -> ProviderCall:
+    """The application's newest call with this request id (ids come from
+    clients and are not globally unique)."""
+    call = (
+        ProviderCall.objects.filter(application=application, request_id=request_id)
+        .order_by("-created_at", "-id")
+        .prefetch_related("flags")
+        .first()
+    )
+    if call is None:
+        raise Http404(f"No call '{request_id}' for this application.")
+    return call

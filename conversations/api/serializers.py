@@ -52,3 +52,24 @@ class TurnResultSerializer(serializers.Serializer):
     outcome = serializers.CharField()
     message = serializers.DictField()
     usage = serializers.DictField(allow_null=True)
+
+
+class FlagSerializer(serializers.Serializer):
+    reason = serializers.CharField(max_length=2000, help_text="What was wrong with the answer.")
+    created_at = serializers.DateTimeField(read_only=True)
+
+    def validate_reason(self, value: str) -> str:
+        if not value.strip():
+            raise serializers.ValidationError("reason is empty.")
+        return value
+
+
+class CallStatusSerializer(serializers.Serializer):
+    request_id = serializers.CharField()
+    status = serializers.CharField()
+    outcome = serializers.CharField()
+    model_used = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    flagged = serializers.BooleanField()
+    flags = FlagSerializer(many=True)
+    user_message = serializers.CharField(allow_null=True, help_text="What to show the end user, if anything.")

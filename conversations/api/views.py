@@ -16,8 +16,10 @@ from rest_framework.views import APIView
 
 from conversations.api import selectors
 from conversations.api.serializers import (
+    CallStatusSerializer,
     ConversationCreateSerializer,
     ConversationSerializer,
+    FlagSerializer,
     MessageSerializer,
     TurnResultSerializer,
     TurnSerializer,
@@ -25,6 +27,7 @@ from conversations.api.serializers import (
 from conversations.gateway.pipeline import complete_for_api
 from conversations.gateway.validation import ChatRequest
 from conversations.models import Conversation
+from conversations.services import flag_answer
 
 
 class _GatewayRefusal(APIException):
@@ -111,3 +114,37 @@ class ConversationMessages(APIView):
             "usage": body.get("usage"),
         }
         return Response(result, status=status.HTTP_201_CREATED)
+
+
+def _call_status(call) -> dict:
+    flags = list(call.flags.all())
+    return {
+        "request_id": call.request_id,
+        "status": call.status,
+        "outcome": call.outcome,
+        "model_used": call.model_used,
+        "created_at": call.created_at,
+        "flagged": bool(flags),
+        "flags": [{"reason": f.reason, "created_at": f.created_at} for f in flags],
+        "user_message": call.application.flagged_message if flags else None,
+    }
+
+
+class CallStatus(APIView):
+    """The bot asks whether an answer it showed was later flagged wrong."""
+
+    @extend_schema(responses=CallStatusSerializer)
+    def get(self, request, request_id: str):
+        call = selectors.call_of(application=request.user, request_id=request_id)
+        return Response(CallStatusSerializer(_call_status(call)).data)
+
+
+class CallFlags(APIView):
+    @extend_schema(request=FlagSerializer, responses={201: CallStatusSerializer})
+    def post(self, request, request_id: str):
+        call = selectors.call_of(application=request.user, request_id=request_id)
+        data = FlagSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        flag_answer(call=call, reason=data.validated_data["reason"], api_key=request.auth)
+        call = selectors.call_of(application=request.user, request_id=request_id)
+        return Response(CallStatusSerializer(_call_status(call)).data, status=status.HTTP_201_CREATED)
