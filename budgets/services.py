@@ -193,6 +193,7 @@ def expire_stale_reservations(*, now: datetime | None = None, batch: int = 500) 
     """Release holds past their expiry (their process died) and close the
     calls they belonged to as interrupted."""
     from conversations.models import ProviderCall
+    from conversations.services import INTERRUPTED, close_as_interrupted
 
     now = now or timezone.now()
     call_ids = list(
@@ -204,13 +205,10 @@ def expire_stale_reservations(*, now: datetime | None = None, batch: int = 500) 
     for call_id in call_ids:
         with transaction.atomic():
             expired += _close(call_id=call_id, status=Reservation.Status.EXPIRED, cost_usd=None, tokens=None, include_expired=False)
-            ProviderCall.objects.filter(pk=call_id, status=ProviderCall.Status.IN_PROGRESS).update(
-                status=ProviderCall.Status.INTERRUPTED,
-                outcome=ProviderCall.Outcome.FAILED,
-                error_type="api_error",
-                error_code="interrupted",
-                error_message="The gateway process handling this call stopped before it finished; its budget hold was released.",
-                completed_at=now,
+            close_as_interrupted(
+                calls=ProviderCall.objects.filter(pk=call_id),
+                now=now,
+                message=f"{INTERRUPTED} Its budget hold was released.",
             )
     return expired
 

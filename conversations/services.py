@@ -306,32 +306,30 @@ def record_rejection(
     )
 
 
-def mark_interrupted_calls(*, older_than_s: float | None = None) -> int:
-    """Close calls left `in_progress` by a process that died mid-call.
+INTERRUPTED = "The gateway process handling this call stopped before it finished."
 
-    A deliberate queryset update (one statement, no per-row signals): a call
-    still open long after the provider deadline can no longer finish, and the
-    same conditional filter means a call finishing right now is never touched.
-    """
-    from django.conf import settings
 
-    if older_than_s is None:
-        older_than_s = settings.GATEWAY["PROVIDER_TIMEOUT_S"] * 2 + 60
-    now = timezone.now()
-    return ProviderCall.objects.filter(
-        status=ProviderCall.Status.IN_PROGRESS, created_at__lt=now - timezone.timedelta(seconds=older_than_s)
-    ).update(
+def close_as_interrupted(*, calls, now=None, message: str = INTERRUPTED) -> int:
+    """Close still-open calls as interrupted. A deliberate queryset update
+    (no per-row signals); the status filter means a call finishing at this
+    very moment is never touched."""
+    now = now or timezone.now()
+    return calls.filter(status=ProviderCall.Status.IN_PROGRESS).update(
         status=ProviderCall.Status.INTERRUPTED,
         outcome=ProviderCall.Outcome.FAILED,
         error_type="api_error",
         error_code="interrupted",
-        error_message="The gateway process handling this call stopped before it finished.",
+        error_message=message,
         completed_at=now,
     )
 
 
-@transaction.atomic
-def flag_answer(*, call: ProviderCall, reason: str, api_key: ApiKey | None = None, user=None):
-    from conversations.models import AnswerFlag
+def mark_interrupted_calls(*, older_than_s: float | None = None) -> int:
+    """Close calls left `in_progress` by a process that died mid-call (those
+    without budget holds; held ones are closed when their hold expires)."""
+    from django.conf import settings
 
-    return AnswerFlag.objects.create(call=call, reason=reason, raised_by_key=api_key, raised_by_user=user)
+    if older_than_s is None:
+        older_than_s = settings.GATEWAY["PROVIDER_TIMEOUT_S"] * 2 + 60
+    cutoff = timezone.now() - timezone.timedelta(seconds=older_than_s)
+    return close_as_interrupted(calls=ProviderCall.objects.filter(created_at__lt=cutoff))

@@ -45,7 +45,7 @@ def spend(budget, usd):
     """Make a budget look `usd` spent this period."""
     from budgets.services import period_rows
 
-    [row] = period_rows(budgets=[budget], end_user="", at=__import__("django.utils.timezone").utils.timezone.now())
+    [row] = period_rows(budgets=[budget], end_user="", at=timezone.now())
     BudgetPeriod.objects.filter(pk=row.pk).update(spent_usd=Decimal(usd))
 
 
