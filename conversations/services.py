@@ -325,11 +325,18 @@ def close_as_interrupted(*, calls, now=None, message: str = INTERRUPTED) -> int:
 
 
 def mark_interrupted_calls(*, older_than_s: float | None = None) -> int:
-    """Close calls left `in_progress` by a process that died mid-call (those
-    without budget holds; held ones are closed when their hold expires)."""
+    """Close calls left `in_progress` by a process that died mid-call. Calls
+    with budget holds are usually closed earlier, when their hold expires."""
     from django.conf import settings
 
     if older_than_s is None:
         older_than_s = settings.GATEWAY["PROVIDER_TIMEOUT_S"] * 2 + 60
     cutoff = timezone.now() - timezone.timedelta(seconds=older_than_s)
     return close_as_interrupted(calls=ProviderCall.objects.filter(created_at__lt=cutoff))
+
+
+@transaction.atomic
+def flag_answer(*, call: ProviderCall, reason: str, api_key: ApiKey | None = None, user=None):
+    from conversations.models import AnswerFlag
+
+    return AnswerFlag.objects.create(call=call, reason=reason, raised_by_key=api_key, raised_by_user=user)
