@@ -207,7 +207,6 @@ def expire_stale_reservations(*, now: datetime | None = None, batch: int = 500) 
             expired += _close(call_id=call_id, status=Reservation.Status.EXPIRED, cost_usd=None, tokens=None, include_expired=False)
             close_as_interrupted(
                 calls=ProviderCall.objects.filter(pk=call_id),
-                now=now,
                 message=f"{INTERRUPTED} Its budget hold was released.",
             )
     return expired

@@ -281,3 +281,29 @@ def test_database_down_is_a_clear_503(transactional_db, sim, app_key):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_database_blip_after_the_answer_does_not_lose_the_record(gateway, sim, app_key, monkeypatch):
+    """The final write fails twice (as during a Postgres restart), then works:
+    the answer is delivered and recorded once."""
+    from django.db import OperationalError
+
+    from conversations import services
+    from conversations.gateway import pipeline
+
+    real = services.finish_call
+    failures = []
+
+    def flaky(**kwargs):
+        if len(failures) < 2:
+            failures.append(1)
+            raise OperationalError("server closed the connection unexpectedly")
+        return real(**kwargs)
+
+    monkeypatch.setattr(services, "finish_call", flaky)
+    monkeypatch.setattr(pipeline, "FINISH_RETRY_DELAYS_S", (0.05, 0.05, 0.05))
+    _, _, secret = app_key
+    r = chat(gateway, secret, "blip")
+    assert r.status_code == 200 and len(failures) == 2
+    call = ProviderCall.objects.get(request_id="blip")
+    assert call.status == "succeeded" and call.messages.filter(direction="response").count() == 1
