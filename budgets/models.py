@@ -251,7 +251,7 @@ class DegradationRule(models.Model):
     application = models.ForeignKey("governance.Application", on_delete=models.CASCADE, related_name="degradation_rules")
     position = models.PositiveSmallIntegerField(default=0)
     budget = models.ForeignKey(
-        Budget, null=True, blank=True, on_delete=models.CASCADE, related_name="+",
+        Budget, null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
         help_text="Whose utilisation triggers the rule; blank: the most used budget that applies to the request.",
     )
     threshold_percent = models.DecimalField(max_digits=5, decimal_places=2, validators=[MinValueValidator(0)])
@@ -355,8 +355,9 @@ class CostEvent(models.Model):
 
     kind = models.CharField(max_length=20, choices=Kind.choices)
     application = models.ForeignKey("governance.Application", null=True, blank=True, on_delete=models.CASCADE, related_name="+")
-    budget = models.ForeignKey(Budget, null=True, blank=True, on_delete=models.CASCADE, related_name="events")
-    rule = models.ForeignKey(CostRegressionRule, null=True, blank=True, on_delete=models.CASCADE, related_name="events")
+    # PROTECT: deleting a budget or rule must never erase the events it raised.
+    budget = models.ForeignKey(Budget, null=True, blank=True, on_delete=models.PROTECT, related_name="events")
+    rule = models.ForeignKey(CostRegressionRule, null=True, blank=True, on_delete=models.PROTECT, related_name="events")
     message = models.CharField(max_length=300)
     details = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)

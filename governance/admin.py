@@ -1,5 +1,7 @@
-"""Admin for applications and their keys, the shared admin helpers, the site
-branding, and the auditors' "Configuration changes" screen.
+"""Admin for applications (with their degradation ladder, step policies and
+fallback routes) and their keys, the shared admin helpers, the site branding,
+the auditors' "Configuration changes" screen and the on-call "Circuit
+breakers" screen.
 
 Keys are issued and revoked only through governance.services, so the admin
 never sees a secret except once, right after issuing it, and history records
@@ -19,7 +21,8 @@ from django.contrib import admin, messages
 from django.contrib.auth import get_permission_codename, get_user_model
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db.models import CharField, Value
+from django.db import transaction
+from django.db.models import CharField, Q, Value
 from django.http import HttpRequest, HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
@@ -29,8 +32,9 @@ from django.utils.safestring import mark_safe
 from django.utils.text import capfirst
 from simple_history.admin import SimpleHistoryAdmin
 
-from governance.models import ApiKey, Application
-from governance.services import create_api_key, revoke_api_key
+from budgets.models import Budget, DegradationRule, StepPolicy
+from governance.models import ApiKey, Application, FallbackRoute
+from governance.services import KeyRevoked, create_api_key, revoke_api_key, set_api_key_limits
 
 admin.site.site_header = "GenAI governance"
 admin.site.site_title = "GenAI governance"
@@ -71,6 +75,33 @@ def when(value: datetime | None) -> str:
 
 def count(value: int | None) -> str:
     return "—" if value is None else f"{value:,}"
+
+
+def tone_badge(label: str, tone: str, title: str = "") -> str:
+    """A coloured pill (tones: ok, warn, bad, info, muted; see governance_styles.html)."""
+    if title:
+        return format_html('<span class="gov-badge gov-{}" title="{}">{}</span>', tone, title, label)
+    return format_html('<span class="gov-badge gov-{}">{}</span>', tone, label)
+
+
+def catalogue_choices(*, current: str = "", blank: bool = True) -> list[tuple[str, str]]:
+    """Active catalogued models for a model-name select, unpriced ones marked
+    (they are refused, so the model's clean() rejects them with its message),
+    plus the current value if it is no longer an active catalogued model."""
+    from budgets.models import LanguageModel
+    from budgets.selectors import models_in_service
+
+    priced = {pm.model.name for pm in models_in_service()}
+    names = list(LanguageModel.objects.filter(is_active=True).values_list("name", flat=True))
+    choices = [("", "---------")] if blank else []
+    choices += [(n, n if n in priced else f"{n} (no price: refused)") for n in names]
+    return with_current_choice(choices, current)
+
+
+def with_current_choice(choices: list[tuple[str, str]], current: str) -> list[tuple[str, str]]:
+    if current and current not in {value for value, _ in choices}:
+        return [*choices, (current, f"{current} (not an active catalogued model)")]
+    return choices
 
 
 def can_view(obj: Any) -> bool:
@@ -188,14 +219,7 @@ class ApplicationForm(forms.ModelForm):
         )
 
     def _model_choices(self) -> list[tuple[str, str]]:
-        from budgets.models import LanguageModel
-
-        names = list(LanguageModel.objects.filter(is_active=True).values_list("name", flat=True))
-        choices = [("", "---------"), *((n, n) for n in names)]
-        current = self.instance.default_model if self.instance else ""
-        if current and current not in names:
-            choices.append((current, f"{current} (not an active catalogued model)"))
-        return choices
+        return catalogue_choices(current=self.instance.default_model if self.instance else "")
 
     def _stored_key(self) -> str:
         if not self.instance.pk:
@@ -219,11 +243,198 @@ class ApplicationForm(forms.ModelForm):
 
 class ApiKeyInline(ReadOnlyAdminMixin, admin.TabularInline):
     model = ApiKey
-    fields = ["prefix", "name", "created_at", "created_by", "last_used_at", "revoked_at"]
+    fields = ["prefix", "name", "limits", "created_at", "created_by", "last_used_at", "revoked_at"]
     readonly_fields = fields
     extra = 0
     show_change_link = True
-    verbose_name_plural = "API keys (issue and revoke them under API keys)"
+    verbose_name_plural = "API keys (issue, revoke and set rate limits under API keys)"
+
+    @admin.display(description="Rate limits")
+    def limits(self, obj: ApiKey) -> str:
+        return rate_limits(obj.requests_per_minute, obj.tokens_per_minute, none="application's")
+
+
+def rate_limits(rpm: int | None, tpm: int | None, *, none: str = "unlimited") -> str:
+    parts = [f"{rpm:,} req/min" if rpm else "", f"{tpm:,} tokens/min" if tpm else ""]
+    return " · ".join(p for p in parts if p) or none
+
+
+class CatalogueModelInline(admin.TabularInline):
+    """An inline with a model-name field offered as a select of the catalogue
+    (computed once per page, not once per row). `after_fieldset` names the
+    application fieldset the inline is shown under (see the change form)."""
+
+    model_field = ""
+    after_fieldset: str | None = None
+    extra = 0
+
+    def get_formset(self, request, obj=None, **kwargs):
+        formset = super().get_formset(request, obj, **kwargs)
+        field = formset.form.base_fields.get(self.model_field)
+        if field is not None:
+            model_field = self.model._meta.get_field(self.model_field)
+            formset.form.base_fields[self.model_field] = forms.ChoiceField(
+                label=capfirst(model_field.verbose_name),
+                choices=catalogue_choices(blank=model_field.blank),
+                required=not model_field.blank,
+                help_text=model_field.help_text,
+            )
+        return formset
+
+
+class CatalogueModelInlineForm(forms.ModelForm):
+    model_field = ""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        field = self.fields.get(self.model_field)
+        if isinstance(field, forms.ChoiceField):
+            # A value no longer in the catalogue stays visible (and fails the model's clean()).
+            field.choices = with_current_choice(list(field.choices), getattr(self.instance, self.model_field, ""))
+
+
+NARROW = {"style": "width: 5em"}
+
+
+class DegradationRuleForm(CatalogueModelInlineForm):
+    model_field = "switch_to_model"
+
+    class Meta:
+        model = DegradationRule
+        fields = "__all__"
+        labels = {"threshold_percent": "Threshold (%)", "max_tokens_cap": "Cap max_tokens at"}
+        widgets = {
+            "threshold_percent": forms.NumberInput(attrs=NARROW),
+            "max_tokens_cap": forms.NumberInput(attrs=NARROW),
+            "keep_last_turns": forms.NumberInput(attrs=NARROW),
+            "position": forms.NumberInput(attrs={"style": "width: 3.5em"}),
+        }
+
+
+class DegradationRuleInline(CatalogueModelInline):
+    """The ladder: every rung whose threshold the budget's utilisation has
+    reached applies, lowest first; a refusing rung ends the ladder."""
+
+    model = DegradationRule
+    form = DegradationRuleForm
+    model_field = "switch_to_model"
+    after_fieldset = "Budgets & degradation"
+    fields = [
+        "threshold_percent",
+        "budget",
+        "switch_to_model",
+        "max_tokens_cap",
+        "keep_last_turns",
+        "refuse",
+        "refusal_mode",
+        "position",
+    ]
+    ordering = ["threshold_percent", "position"]
+    verbose_name = "degradation rule"
+    verbose_name_plural = "Degradation ladder (rules apply from the lowest threshold up; a refusal ends the ladder)"
+
+    def get_formset(self, request, obj=None, **kwargs):
+        formset = super().get_formset(request, obj, **kwargs)
+        field = formset.form.base_fields.get("budget")
+        if field is not None:
+            # Only budgets that can count this application's requests.
+            applies = Q(scope=Budget.Scope.ORGANISATION)
+            if obj is not None:
+                applies |= Q(application=obj) | Q(api_key__application=obj)
+            field.queryset = Budget.objects.filter(applies).order_by("name")
+            field.empty_label = "(the most used one)"
+            # A row of a ladder is no place to create or edit budgets.
+            for flag in ("can_add_related", "can_change_related", "can_delete_related", "can_view_related"):
+                setattr(field.widget, flag, False)
+        return formset
+
+
+class StepPolicyForm(forms.ModelForm):
+    class Meta:
+        model = StepPolicy
+        fields = "__all__"
+        widgets = {
+            "step": forms.TextInput(attrs={"size": 16, "placeholder": "(default)"}),
+            "max_input_tokens": forms.NumberInput(attrs={"style": "width: 7em"}),
+            "max_output_tokens": forms.NumberInput(attrs={"style": "width: 7em"}),
+        }
+
+
+class StepPolicyInline(admin.TabularInline):
+    model = StepPolicy
+    form = StepPolicyForm
+    fields = ["step", "max_input_tokens", "max_output_tokens", "oversize"]
+    extra = 0
+    after_fieldset = "Budgets & degradation"
+    verbose_name_plural = "Step policies (input/output caps per X-Step; a blank step is the default)"
+
+
+class FallbackRouteForm(CatalogueModelInlineForm):
+    """Same hidden-key pattern as ApplicationForm: the stored key never
+    reaches the page; blank keeps it, a new value replaces it."""
+
+    model_field = "model"
+    provider_api_key = forms.CharField(
+        label="Provider API key",
+        required=False,
+        strip=True,
+        max_length=300,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password", "size": 18}),
+        help_text="Blank keeps the stored key (or the application's, if none).",
+    )
+    clear_provider_api_key = forms.BooleanField(label="Remove stored key", required=False)
+
+    class Meta:
+        model = FallbackRoute
+        fields = "__all__"
+        widgets = {"position": forms.NumberInput(attrs={"style": "width: 3.5em"})}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.initial["provider_api_key"] = ""
+
+    def _stored_key(self) -> str:
+        if not self.instance.pk:
+            return ""
+        stored = FallbackRoute.objects.filter(pk=self.instance.pk).values_list("provider_api_key", flat=True).first()
+        return stored or ""
+
+    def clean(self):
+        cleaned = super().clean()
+        if "provider_api_key" not in self.fields:
+            return cleaned
+        new_key = cleaned.get("provider_api_key") or ""
+        if cleaned.get("clear_provider_api_key"):
+            if new_key:
+                self.add_error("clear_provider_api_key", "Either type a new key or remove the stored one, not both.")
+            cleaned["provider_api_key"] = ""
+        elif not new_key:
+            cleaned["provider_api_key"] = self._stored_key()
+        return cleaned
+
+
+class FallbackRouteInline(CatalogueModelInline):
+    model = FallbackRoute
+    form = FallbackRouteForm
+    model_field = "model"
+    after_fieldset = "Resilience"
+    fields = ["position", "model", "provider_base_url", "key_status", "provider_api_key", "clear_provider_api_key"]
+    readonly_fields = ["key_status"]
+    ordering = ["position"]
+    verbose_name_plural = "Fallback routes (tried in order when the primary model fails, within the deadline)"
+
+    def get_fields(self, request, obj=None):
+        fields = list(super().get_fields(request, obj))
+        if not self.has_change_permission(request, obj):
+            # Read-only view: a read-only "provider_api_key" would print the key.
+            fields = [f for f in fields if f not in {"provider_api_key", "clear_provider_api_key"}]
+        return fields
+
+    @admin.display(description="Stored key")
+    def key_status(self, obj: FallbackRoute) -> str:
+        if obj is None or obj.pk is None:
+            return "—"
+        return "stored (never displayed)" if obj.provider_api_key else "none: the application's"
 
 
 @admin.register(Application)
@@ -236,7 +447,9 @@ class ApplicationAdmin(HistoryAdmin):
     list_per_page = 50
     readonly_fields = ["provider_key_status", "created_at"]
     prepopulated_fields = {"slug": ["name"]}
-    inlines = [ApiKeyInline]
+    # Shown under the fieldset each names (after_fieldset), by
+    # templates/admin/governance/application/change_form.html.
+    inlines = [DegradationRuleInline, StepPolicyInline, FallbackRouteInline, ApiKeyInline]
     fieldsets = [
         (None, {"fields": ["slug", "name", "owner", "status", "is_active", "created_at"]}),
         ("Defaults", {"fields": ["default_model", "default_temperature", "default_max_tokens", "system_prompt"]}),
@@ -244,12 +457,40 @@ class ApplicationAdmin(HistoryAdmin):
             "Provider override",
             {"fields": ["provider_base_url", "provider_key_status", "provider_api_key", "clear_provider_api_key"]},
         ),
+        (
+            "Budgets & degradation",
+            {
+                "fields": ["polite_refusal_message"],
+                "description": "Budgets themselves are under Budgets. The ladder below says what happens "
+                "as a budget fills up; a rule that refuses politely answers with this message.",
+            },
+        ),
+        (
+            "Resilience",
+            {
+                "fields": [
+                    "request_deadline_s",
+                    ("connect_timeout_s", "read_timeout_s"),
+                    "max_retries",
+                    ("retry_backoff_ms", "retry_backoff_max_ms"),
+                ],
+                "description": "Retries and fallback routes (below) never run past the deadline.",
+            },
+        ),
+        (
+            "Limits & cache",
+            {"fields": [("requests_per_minute", "tokens_per_minute"), "response_cache_ttl_s"]},
+        ),
+        ("Failure replies", {"fields": ["failure_reply", "slow_message", "down_message", "flagged_message"]}),
     ]
 
     def get_fieldsets(self, request, obj=None):
         fieldsets = [(n, {**o, "fields": list(o["fields"])}) for n, o in super().get_fieldsets(request, obj)]
         # Fields added to the model later still show up, under "Other".
-        placed = {f for _, o in fieldsets for f in o["fields"]}
+        placed = set()
+        for _, o in fieldsets:
+            for f in o["fields"]:
+                placed.update(f if isinstance(f, tuple | list) else [f])
         others = [
             f.name
             for f in Application._meta.fields
@@ -262,6 +503,11 @@ class ApplicationAdmin(HistoryAdmin):
             drop = {"provider_api_key", "clear_provider_api_key"}
             fieldsets = [(n, {**o, "fields": [f for f in o["fields"] if f not in drop]}) for n, o in fieldsets]
         return fieldsets
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        # Inlines whose fieldset is not shown fall back to the usual place.
+        context["gov_fieldset_names"] = [name for name, _ in self.get_fieldsets(request, obj)]
+        return super().render_change_form(request, context, add, change, form_url, obj)
 
     @admin.display(description="Provider key", boolean=True)
     def provider_key(self, obj: Application) -> bool:
@@ -302,11 +548,21 @@ class RevokedFilter(admin.SimpleListFilter):
 class ApiKeyAdmin(HistoryAdmin):
     """Keys are issued by the add form (through create_api_key, which shows
     the secret once) and revoked by an action or the button on a key's page
-    (through revoke_api_key). Nothing else about a key can be edited, and keys
-    are never deleted: calls keep pointing at them."""
+    (through revoke_api_key). On a live key only the rate limits can be
+    edited; a POST that tries to set any other field is refused. Keys are
+    never deleted: calls keep pointing at them."""
 
     allow_revert = False  # restoring an old version could un-revoke a key
-    list_display = ["prefix_display", "name", "application_link", "created_at", "created_by", "last_used_at", "state"]
+    list_display = [
+        "prefix_display",
+        "name",
+        "application_link",
+        "limits",
+        "created_at",
+        "created_by",
+        "last_used_at",
+        "state",
+    ]
     list_filter = [RevokedFilter, "application"]
     search_fields = ["=prefix", "name", "application__slug"]
     list_select_related = ["application", "created_by"]
@@ -322,6 +578,7 @@ class ApiKeyAdmin(HistoryAdmin):
         "last_used_at",
         "revoked_at",
     ]
+    limit_fields = ("requests_per_minute", "tokens_per_minute")
 
     def get_form(self, request, obj=None, change=False, **kwargs):
         if obj is None:
@@ -330,10 +587,30 @@ class ApiKeyAdmin(HistoryAdmin):
         return super().get_form(request, obj, change=change, **kwargs)
 
     def get_fields(self, request, obj=None):
-        return ["application", "name"] if obj is None else self.readonly_fields
+        return ["application", "name"] if obj is None else [*self.readonly_fields, *self.limit_fields]
+
+    def get_fieldsets(self, request, obj=None):
+        if obj is None:
+            return [(None, {"fields": ["application", "name"]})]
+        app = obj.application
+        return [
+            (None, {"fields": self.readonly_fields}),
+            (
+                "Rate limits",
+                {
+                    "fields": [self.limit_fields],
+                    "description": "Blank: only the application's limits apply "
+                    f"({rate_limits(app.requests_per_minute, app.tokens_per_minute)} for {app.slug}).",
+                },
+            ),
+        ]
 
     def get_readonly_fields(self, request, obj=None):
-        return [] if obj is None else self.readonly_fields
+        if obj is None:
+            return []
+        if obj.revoked_at is not None:
+            return [*self.readonly_fields, *self.limit_fields]
+        return self.readonly_fields
 
     def has_delete_permission(self, request, obj=None):
         return False
@@ -358,6 +635,10 @@ class ApiKeyAdmin(HistoryAdmin):
     def application_link(self, obj: ApiKey) -> str:
         return admin_link(obj.application)
 
+    @admin.display(description="Rate limits")
+    def limits(self, obj: ApiKey) -> str:
+        return rate_limits(obj.requests_per_minute, obj.tokens_per_minute, none="application's")
+
     @admin.display(description="State", ordering="revoked_at")
     def state(self, obj: ApiKey) -> str:
         if obj.revoked_at:
@@ -369,8 +650,20 @@ class ApiKeyAdmin(HistoryAdmin):
     # Issuing ---------------------------------------------------------------------------
 
     def save_model(self, request, obj, form, change):
-        if change:  # unreachable through the UI; refuse rather than save silently
-            raise PermissionDenied
+        if change:
+            # Only the rate limits, on the row as it is now (not the copy loaded
+            # with the form, which a concurrent revoke may have overtaken).
+            try:
+                current = set_api_key_limits(
+                    api_key=obj,
+                    requests_per_minute=obj.requests_per_minute,
+                    tokens_per_minute=obj.tokens_per_minute,
+                    actor=request.user,
+                )
+            except KeyRevoked:
+                raise PermissionDenied from None
+            obj.revoked_at, obj.last_used_at = current.revoked_at, current.last_used_at
+            return
         issued = create_api_key(
             application=form.cleaned_data["application"], name=form.cleaned_data["name"], actor=request.user
         )
@@ -396,11 +689,16 @@ class ApiKeyAdmin(HistoryAdmin):
         return HttpResponseRedirect(reverse("admin:governance_apikey_change", args=[obj.pk]))
 
     def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
-        if object_id is not None and request.method == "POST":
-            raise PermissionDenied  # keys are not editable; use revoke
         extra_context = extra_context or {}
         if object_id is not None:
             obj = self.get_object(request, object_id)
+            if request.method == "POST" and obj is not None:
+                # Only the rate limits of a live key; anything else is refused,
+                # never silently ignored.
+                posted = {k for k in request.POST if not k.startswith("_") and k != "csrfmiddlewaretoken"}
+                model_fields = {f.name for f in ApiKey._meta.get_fields()}
+                if obj.revoked_at is not None or (posted & model_fields) - set(self.limit_fields):
+                    raise PermissionDenied
             extra_context["can_revoke"] = bool(
                 obj is not None and obj.revoked_at is None and self.has_change_permission(request, obj)
             )
@@ -408,9 +706,13 @@ class ApiKeyAdmin(HistoryAdmin):
 
     def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
         if change:
+            editable = obj is not None and obj.revoked_at is None and self.has_change_permission(request, obj)
             context.update(
                 title="API key",
-                show_save=False, show_save_and_continue=False, show_save_and_add_another=False, show_delete=False
+                show_save=editable,
+                show_save_and_continue=editable,
+                show_save_and_add_another=False,
+                show_delete=False,
             )
         else:
             context.update(show_save_and_add_another=False, show_save_and_continue=False)
@@ -676,9 +978,93 @@ def configuration_changes_view(request: HttpRequest):
     return TemplateResponse(request, "admin/configuration_changes.html", context)
 
 
+# --- Circuit breakers (on-call screen) ------------------------------------------------------
+
+
+BREAKER_TONE = {"closed": "ok", "half-open": "warn", "open": "bad"}
+BREAKER_ORDER = {"open": 0, "half-open": 1, "closed": 2}
+
+
+@dataclass(frozen=True)
+class BreakerRow:
+    key: str
+    base_url: str
+    model: str
+    state: str
+    tone: str
+    calls: int
+    failures: int
+    failure_percent: int | None
+    open_until: datetime | None
+    seconds_left: int | None
+    calls_url: str | None
+
+
+def breaker_rows(*, now: float | None = None, user=None) -> list[BreakerRow]:
+    """Every breaker the gateway has registered, open ones first."""
+    import time
+    from datetime import timezone as dt_timezone
+    from urllib.parse import urlencode
+
+    from conversations.gateway import breaker
+
+    now = now or time.time()
+    calls_url = None
+    if user is not None and user.has_perm("conversations.view_providercall"):
+        calls_url = reverse("admin:conversations_providercall_changelist")
+    rows = []
+    for b in breaker.states(now=now):
+        base_url, _, model = b.key.rpartition("|")
+        until = datetime.fromtimestamp(b.open_until, tz=dt_timezone.utc) if b.open_until else None
+        rows.append(
+            BreakerRow(
+                key=b.key,
+                base_url=base_url,
+                model=model,
+                state=b.state,
+                tone=BREAKER_TONE.get(b.state, "muted"),
+                calls=b.calls,
+                failures=b.failures,
+                failure_percent=round(100 * b.failures / b.calls) if b.calls else None,
+                open_until=until,
+                seconds_left=max(0, round(b.open_until - now)) if b.open_until else None,
+                calls_url=f"{calls_url}?{urlencode({'model_used': model})}" if calls_url and model else None,
+            )
+        )
+    rows.sort(key=lambda r: (BREAKER_ORDER.get(r.state, 3), r.key))
+    return rows
+
+
+def circuit_breakers_view(request: HttpRequest):
+    """Read-only: who may read the call log may see the breakers."""
+    from django.conf import settings
+
+    from conversations.gateway import breaker, shared
+
+    if not request.user.has_perm("conversations.view_providercall"):
+        raise PermissionDenied
+    rows = breaker_rows(user=request.user)
+    cfg = settings.GATEWAY["BREAKER"]
+    context = {
+        **admin.site.each_context(request),
+        "title": "Circuit breakers",
+        "subtitle": None,
+        "breakers": rows,
+        "open_count": sum(r.state != "closed" for r in rows),
+        "window_s": breaker.BUCKET_S * breaker.WINDOW_BUCKETS,
+        "min_calls": cfg["MIN_CALLS"],
+        "failure_percent": round(100 * cfg["FAILURE_RATIO"]),
+        "open_s": cfg["OPEN_S"],
+        "shared_status": shared.status(),
+    }
+    request.current_app = admin.site.name
+    return TemplateResponse(request, "admin/circuit_breakers.html", context)
+
+
 def _install_audit_url(site: admin.AdminSite) -> None:
-    """Add the audit screen to the site's URLs (at /admin/audit/...), keeping
-    the site class: no custom AdminSite needed for one extra view."""
+    """Add the audit and operations screens to the site's URLs (at
+    /admin/audit/... and /admin/ops/...), keeping the site class: no custom
+    AdminSite needed for two extra views."""
     if getattr(site, "_configuration_changes_installed", False):
         return
     original = site.get_urls
@@ -690,6 +1076,7 @@ def _install_audit_url(site: admin.AdminSite) -> None:
                 site.admin_view(configuration_changes_view),
                 name="configuration_changes",
             ),
+            path("ops/circuit-breakers/", site.admin_view(circuit_breakers_view), name="circuit_breakers"),
             *original(),
         ]
 

@@ -3,7 +3,8 @@
 `sync_roles()` makes the groups match these definitions exactly (it is
 idempotent: permissions added by hand to a role group are removed, so the
 definition here stays the single source of truth). The data migration
-`governance/0002_roles` calls it with the migration's app registry; a
+`governance/0002_roles` (and `0005_sync_roles_budgets`, for the budget and
+resilience models) calls it with the migration's app registry; a
 management command or a test can call it with none.
 
 A permission spec is "app_label.codename", or "app_label.view_*" for every
@@ -43,8 +44,9 @@ ON_CALL = "On-call"
 ROLES: tuple[Role, ...] = (
     Role(
         MANAGER,
-        "Runs the platform: model catalogue and prices, applications, keys. Sees everything in "
-        "the governed apps and its history.",
+        "Runs the platform: model catalogue and prices, applications, keys, budgets, degradation "
+        "ladders, step caps, cost alerts and fallbacks. Sees everything in the governed apps and its "
+        "history (budget periods, reservations and cost events included).",
         (
             *(f"{app}.view_*" for app in GOVERNED_APPS),
             "budgets.add_languagemodel",
@@ -54,7 +56,24 @@ ROLES: tuple[Role, ...] = (
             "governance.add_application",
             "governance.change_application",
             "governance.add_apikey",
-            "governance.change_apikey",  # only used to revoke: key fields are read-only in admin
+            "governance.change_apikey",  # revoke, and set a key's rate limits; nothing else
+            # Budgets, the degradation ladder, step caps, cost alerts, fallbacks.
+            # Budgets and cost rules are deactivated, never deleted: their periods,
+            # reservations and events point at them. Ladder rungs, step policies
+            # and fallback routes can be removed (history keeps the deleted row).
+            "budgets.add_budget",
+            "budgets.change_budget",
+            "budgets.add_degradationrule",
+            "budgets.change_degradationrule",
+            "budgets.delete_degradationrule",
+            "budgets.add_steppolicy",
+            "budgets.change_steppolicy",
+            "budgets.delete_steppolicy",
+            "budgets.add_costregressionrule",
+            "budgets.change_costregressionrule",
+            "governance.add_fallbackroute",
+            "governance.change_fallbackroute",
+            "governance.delete_fallbackroute",
         ),
     ),
     Role(
@@ -71,7 +90,12 @@ ROLES: tuple[Role, ...] = (
     ),
     Role(REVIEWER, "Works the review queue; reads conversations and calls.", TRAFFIC_VIEW),
     Role(SUPPORT_AGENT, "Looks up conversations a user reported.", TRAFFIC_VIEW),
-    Role(ON_CALL, "Investigates incidents from the call log.", ("conversations.view_providercall",)),
+    Role(
+        ON_CALL,
+        "Investigates incidents from the call log, cost events and the circuit breakers screen "
+        "(which needs conversations.view_providercall).",
+        ("conversations.view_providercall", "budgets.view_costevent"),
+    ),
 )
 
 

@@ -59,3 +59,23 @@ def touch_key(*, api_key_id: int, resolution_s: int) -> None:
     ApiKey.objects.filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=cutoff), pk=api_key_id).update(
         last_used_at=now
     )
+
+
+class KeyRevoked(Exception):
+    pass
+
+
+@transaction.atomic
+def set_api_key_limits(
+    *, api_key: ApiKey, requests_per_minute: int | None, tokens_per_minute: int | None, actor=None
+) -> ApiKey:
+    """Change a live key's rate limits, on the row as it is now (a concurrent
+    revoke wins: a revoked key is never touched again)."""
+    current = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    if current.revoked_at is not None:
+        raise KeyRevoked(f"API key {current.prefix}… is revoked.")
+    current.requests_per_minute = requests_per_minute
+    current.tokens_per_minute = tokens_per_minute
+    current._history_user = actor
+    current.save(update_fields=["requests_per_minute", "tokens_per_minute"])
+    return current

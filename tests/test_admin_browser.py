@@ -217,3 +217,81 @@ def test_manager_issues_a_key_and_sees_the_secret_once(live_server, page, scenar
     page.click("text=Revoke this key")
     page.wait_for_selector(".messagelist")
     assert "revoked" in page.inner_text(".messagelist")
+
+
+def test_manager_sees_budget_utilisation_bars(live_server, page, scenario):
+    """The budget list: one bar per budget, coloured by its warning thresholds."""
+    import datetime as dt
+
+    from django.db import transaction
+
+    from budgets.services import reserve, settle
+    from governance.services import create_api_key
+    from tests.budget_helpers import D, make_budget, make_call
+
+    app = scenario["app"]
+    key = create_api_key(application=app, name="web widget").api_key
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def spend(budget, amounts, *, hours_ago=(30, 12, 3, 1), held="0", tokens=1000):
+        with transaction.atomic():
+            for i, amount in enumerate(amounts):
+                call = make_call(app, f"{budget.pk}-{i}")
+                reserve(call_id=call.pk, budgets=[budget], end_user="", amount_usd=D(amount), tokens=tokens, ttl_s=600)
+                settle(call_id=call.pk, cost_usd=D(amount), tokens=tokens)
+                budget.periods.get().reservations.filter(call=call).update(
+                    closed_at=now - dt.timedelta(hours=hours_ago[i % len(hours_ago)])
+                )
+            if D(held):
+                call = make_call(app, f"{budget.pk}-held")
+                reserve(call_id=call.pk, budgets=[budget], end_user="", amount_usd=D(held), tokens=tokens, ttl_s=600)
+
+    org = make_budget(scope="organisation", limit_usd=D("500"), name="Organisation, monthly")
+    spend(org, ["40", "55.25", "38.10", "27.5"])
+    monthly = make_budget(application=app, limit_usd=D("50"), name="Support bot, monthly")
+    spend(monthly, ["12", "14.5", "9.75", "4.1"], held="2.4")
+    step = make_budget(application=app, scope="step", step="answer", period="day", tz="Europe/Paris",
+                       limit_usd=D("5"), name="Answer step, daily")
+    spend(step, ["1.9", "2.95"], hours_ago=(3, 1))
+    make_budget(scope="api_key", api_key=key, limit_tokens=2_000_000, period="week", name="Web widget key, weekly")
+    make_budget(application=app, scope="end_user", limit_usd=D("0.50"), period="day", name="Each end user, daily")
+
+    base = live_server.url
+    login(page, base, "manon")
+    page.goto(f"{base}/admin/budgets/budget/")
+    rows = page.locator("#result_list tbody tr")
+    assert rows.count() == 5
+    bars = page.locator("#result_list .gov-meter")
+    assert bars.count() == 5
+
+    def bar(name):
+        row = page.locator("#result_list tbody tr", has=page.get_by_role("link", name=name, exact=True))
+        meter = row.locator(".gov-meter")
+        fill = meter.locator(".gov-meter-fill")
+        return {
+            "tone": meter.get_attribute("data-tone"),
+            "percent": float(meter.get_attribute("data-percent")),
+            "fill_px": fill.bounding_box()["width"],
+            "track_px": meter.locator(".gov-meter-track").bounding_box()["width"],
+            "colour": fill.evaluate("e => getComputedStyle(e).backgroundColor"),
+        }
+
+    green, amber, red = bar("Organisation, monthly"), bar("Support bot, monthly"), bar("Answer step, daily")
+    assert (green["tone"], amber["tone"], red["tone"]) == ("ok", "warn", "bad")
+    assert green["percent"] == 32.2 and amber["percent"] == 85.5 and red["percent"] == 97.0
+    for b in (green, amber, red):
+        # The drawn fill is the percentage of the track, in pixels.
+        assert b["fill_px"] == pytest.approx(b["track_px"] * b["percent"] / 100, abs=1.5)
+    assert len({green["colour"], amber["colour"], red["colour"]}) == 3
+    assert "by period end" in rows.filter(has_text="Support bot, monthly").inner_text()
+    assert "Each end user" in page.inner_text("#result_list")
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "budgets.png"), full_page=True)
+
+    # The budget's own page shows the same bar, its periods and its warnings.
+    page.get_by_role("link", name="Support bot, monthly", exact=True).click()
+    page.wait_for_selector("#gov-recent-periods")
+    assert page.locator(".gov-meter").first.get_attribute("data-percent") == "85.5"
+    assert "reached 80%" in page.inner_text("#gov-recent-events")
+    page.screenshot(path=str(SCREENSHOTS / "budget-page.png"), full_page=True)
