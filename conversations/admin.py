@@ -222,6 +222,7 @@ class CallCard:
     cost: str
     latency: str
     decisions_json: str
+    attempts_json: str = ""
 
     @property
     def call(self) -> ProviderCall:
@@ -252,6 +253,7 @@ def call_cards(*, timeline: list[TimelineEntry]) -> list[CallCard]:
                 cost=usd(call.cost_usd),
                 latency=milliseconds(call.latency_ms),
                 decisions_json=decisions_text(call.decisions) if call.decisions else "",
+                attempts_json=decisions_text(call.attempts) if len(call.attempts or []) > 1 else "",
             )
         )
     return cards
@@ -422,6 +424,7 @@ class ProviderCallAdmin(ReadOnlyAdminMixin, RequestAwareAdmin):
                     ("error_type", "error_code"),
                     "error_message",
                     "decisions_display",
+                    "attempts_display",
                 ]
             },
         ),
@@ -448,6 +451,7 @@ class ProviderCallAdmin(ReadOnlyAdminMixin, RequestAwareAdmin):
         "status_display",
         "outcome_display",
         "decisions_display",
+        "attempts_display",
         "price_link",
         "cost",
         "tokens",
@@ -528,6 +532,12 @@ class ProviderCallAdmin(ReadOnlyAdminMixin, RequestAwareAdmin):
         if not obj.decisions:
             return "—"
         return format_html('<pre class="gov-json">{}</pre>', pretty_json(obj.decisions))
+
+    @admin.display(description="Provider attempts")
+    def attempts_display(self, obj: ProviderCall) -> str:
+        if not obj.attempts:
+            return "—"
+        return format_html('<pre class="gov-json">{}</pre>', decisions_text(obj.attempts))
 
     @admin.display(description="Parameters")
     def parameters_display(self, obj: ProviderCall) -> str:

@@ -782,3 +782,17 @@ def test_index_links_the_audit_screen_for_auditors_only(client, auditor):
     assert reverse("admin:configuration_changes") in html and "GenAI governance" in html
     client.force_login(make_user(username="sam", role=SUPPORT_AGENT))
     assert reverse("admin:configuration_changes") not in client.get(url("index")).content.decode()
+
+
+def test_call_page_and_timeline_show_retries_and_fallbacks(admin_client, db):
+    from conversations.models import ProviderCall
+
+    call = ProviderCall.objects.create(
+        request_id="req-attempts", status="succeeded", outcome="answered", created_at=timezone.now(),
+        attempts=[
+            {"n": 1, "model": "gpt-4o", "retry": 0, "outcome": "http_500", "wait_ms": 180},
+            {"n": 2, "model": "gpt-4o-mini", "retry": 0, "outcome": "ok"},
+        ],
+    )
+    html = admin_client.get(reverse("admin:conversations_providercall_change", args=[call.pk])).content.decode()
+    assert "Provider attempts" in html and "http_500" in html and "gpt-4o-mini" in html
