@@ -35,11 +35,6 @@ class Plan:
 DEGRADING = {"model_switched", "max_tokens_capped", "turns_trimmed", "input_truncated"}
 
 
-def step_policy(*, application, step: str) -> StepPolicy | None:
-    policies = {p.step: p for p in StepPolicy.objects.filter(application=application, step__in=[step, ""])}
-    return policies.get(step) or policies.get("")
-
-
 def _truncate_text(text: str, *, keep_tokens: int, encoder, middle: bool) -> tuple[str, int]:
     ids = encoder.encode(text, disallowed_special=())
     if len(ids) <= keep_tokens:
@@ -97,7 +92,9 @@ def worst_case(*, price: ModelPrice, input_tokens: int, is_estimate: bool, max_t
     return usd, tokens
 
 
-def apply_ladder(*, plan: Plan, rules: list[DegradationRule], utilisation: dict[int, float], count_for) -> Plan:
+def apply_ladder(
+    *, plan: Plan, rules: list[DegradationRule], utilisation: dict[int, float], count_for, priced_for=None
+) -> Plan:
     """Apply every rule whose threshold is reached, in threshold order."""
     if not rules:
         return plan
@@ -112,7 +109,7 @@ def apply_ladder(*, plan: Plan, rules: list[DegradationRule], utilisation: dict[
             plan.decisions.append({"kind": "refused", "by": "degradation_ladder", "mode": rule.refusal_mode, **why})
             return plan
         if rule.switch_to_model and rule.switch_to_model != plan.model.name:
-            target = priced_model(name=rule.switch_to_model)
+            target = (priced_for or (lambda name: priced_model(name=name)))(rule.switch_to_model)
             plan.decisions.append({"kind": "model_switched", "from": plan.model.name, "to": target.model.name, **why})
             plan.model, plan.price = target.model, target.price
             plan.input_tokens, plan.input_is_estimate = count_for(plan.messages, plan.model)

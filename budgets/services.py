@@ -229,15 +229,31 @@ def _raise_warnings(period_ids: list[int]) -> None:
             )
 
 
-def applicable_budgets(*, application, api_key, end_user: str, step: str) -> list[Budget]:
-    """Every active budget that a request of this application/key/user/step counts against."""
-    q = Q(scope=Budget.Scope.ORGANISATION) | Q(scope=Budget.Scope.APPLICATION, application=application)
-    q |= Q(scope=Budget.Scope.API_KEY, api_key=api_key)
-    if end_user:
-        q |= Q(scope=Budget.Scope.END_USER, application=application, end_user__in=["", end_user])
-    if step:
-        q |= Q(scope=Budget.Scope.STEP, application=application, step=step)
-    return list(Budget.objects.filter(q, is_active=True).order_by("pk"))
+def applies(budget: Budget, *, application_id: int, api_key_id: int, end_user: str, step: str) -> bool:
+    """Whether a request of this application/key/end user/step counts against `budget`."""
+    scope = budget.scope
+    if scope == Budget.Scope.ORGANISATION:
+        return True
+    if scope == Budget.Scope.API_KEY:
+        return budget.api_key_id == api_key_id
+    if budget.application_id != application_id:
+        return False
+    if scope == Budget.Scope.APPLICATION:
+        return True
+    if scope == Budget.Scope.END_USER:
+        return bool(end_user) and budget.end_user in ("", end_user)
+    if scope == Budget.Scope.STEP:
+        return bool(step) and budget.step == step
+    return False
+
+
+def applicable_budgets(*, candidates: list[Budget], application, api_key, end_user: str, step: str) -> list[Budget]:
+    """The active budgets among `candidates` that a request counts against."""
+    return [
+        b
+        for b in candidates
+        if b.is_active and applies(b, application_id=application.pk, api_key_id=api_key.pk, end_user=end_user, step=step)
+    ]
 
 
 def current_utilisation(*, budgets: list[Budget], end_user: str, at: datetime | None = None) -> dict[int, float]:

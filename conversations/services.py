@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 import orjson
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -65,24 +65,28 @@ def _conversation(*, application: Application, external_id: str | None, end_user
         "started_at": now,
         "last_activity_at": now,
     }
-    try:
-        with transaction.atomic():
-            conv, _ = Conversation.objects.get_or_create(
-                application=application, external_id=external_id, defaults=defaults
-            )
-    except IntegrityError:  # created concurrently by another request of the same conversation
-        conv = Conversation.objects.get(application=application, external_id=external_id)
+    # One upsert instead of get-or-create's savepoints: safe when many requests
+    # of one conversation arrive together, and RETURNING gives the id either way.
+    conv = Conversation(application=application, external_id=external_id, **defaults)
+    Conversation.objects.bulk_create(
+        [conv], update_conflicts=True, unique_fields=["application", "external_id"], update_fields=["last_activity_at"]
+    )
     return conv
 
 
 @dataclass
 class OpenedCall:
+    """What finishing the call needs, kept from opening it (no re-read)."""
+
     call_id: int
     conversation_id: int
     conversation_external_id: str
+    price: ModelPrice | None = None
+    decisions: list = field(default_factory=list)
+    has_holds: bool = False
 
 
-@transaction.atomic
+@transaction.atomic(savepoint=False)
 def open_call(
     *,
     request_id: str,
@@ -130,7 +134,13 @@ def open_call(
         created_at=now,
     )
     Message.objects.bulk_create(_message_rows(conversation=conv, call=call, messages=messages, now=now))
-    return OpenedCall(call_id=call.pk, conversation_id=conv.pk, conversation_external_id=conv.external_id)
+    return OpenedCall(
+        call_id=call.pk,
+        conversation_id=conv.pk,
+        conversation_external_id=conv.external_id,
+        price=price,
+        decisions=list(decisions or []),
+    )
 
 
 @dataclass
@@ -167,14 +177,10 @@ class FinishedCall:
 
 
 @transaction.atomic
-def finish_call(*, call_id: int, result: CallResult) -> FinishedCall:
+def finish_call(*, call: OpenedCall, result: CallResult) -> FinishedCall:
     """Make an in-progress call final. A call already final (say, marked
     interrupted by a reaper) is left alone and reported as not recorded."""
-    call = (
-        ProviderCall.objects.select_related("price")
-        .only("pk", "conversation_id", "price", "decisions", "status")
-        .get(pk=call_id)
-    )
+    call_id = call.call_id
     price = call.price
     if result.price_id is not None:
         price = ModelPrice.objects.get(pk=result.price_id)
@@ -216,7 +222,8 @@ def finish_call(*, call_id: int, result: CallResult) -> FinishedCall:
         provider_latency_ms=result.provider_latency_ms,
         completed_at=now,
     )
-    _settle_budgets(call_id=call_id, cost=cost, tokens=total)
+    if call.has_holds:
+        _settle_budgets(call_id=call_id, cost=cost, tokens=total)
     if updated != 1:
         return FinishedCall(recorded=False, cost_usd=None)
     if result.content or result.tool_calls:

@@ -156,3 +156,23 @@ def test_generated_request_id_when_absent_or_unsafe(gateway, app_key):
         assert r.status_code == 400
         assert r.headers["X-Request-ID"].startswith("req_")
         assert ProviderCall.objects.filter(request_id=r.headers["X-Request-ID"]).count() == 1
+
+
+def test_revocation_and_price_changes_apply_on_the_next_request_despite_caching(gateway, app_key):
+    """The gateway caches configuration per process; a change must still be
+    seen at once (the shared generation moves on every save)."""
+    app, key, secret = app_key
+    ok = post(gateway, secret, {"messages": OK_MESSAGES}, headers={"X-Request-ID": "warm"})
+    assert ok.status_code == 200
+    revoke_api_key(api_key=key)
+    resp = post(gateway, secret, {"messages": OK_MESSAGES}, headers={"X-Request-ID": "after-revoke"})
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "revoked_api_key"
+
+    from governance.services import create_api_key
+
+    secret2 = create_api_key(application=app).secret
+    model = LanguageModel.objects.get(name="gpt-4o-mini")
+    model.is_active = False
+    model.save()
+    resp = post(gateway, secret2, {"model": "gpt-4o-mini", "messages": OK_MESSAGES}, headers={"X-Request-ID": "after-disable"})
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found"

@@ -12,20 +12,21 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from budgets.models import LanguageModel, ModelPrice
-from budgets.policy import Plan, apply_ladder, fit_input, step_policy, worst_case
-from budgets.selectors import ModelNotPriced, UnknownModel, priced_model
+from budgets.policy import Plan, apply_ladder, fit_input, worst_case
+from budgets.selectors import ModelNotPriced, UnknownModel
 from budgets.services import BudgetExceeded, applicable_budgets, current_utilisation, reserve
 from conversations import services
 from conversations.gateway.errors import GatewayError, PoliteRefusal, auth_error, invalid
-from conversations.gateway import ratelimit
+from conversations.gateway import config_cache, ratelimit
 from conversations.gateway.attempts import Policy, Route
 from conversations.gateway.provider import Upstream
 from conversations.gateway.tokens import count_messages, encoder_for
 from conversations.gateway.validation import ChatRequest
 from governance.models import ApiKey
-from governance.selectors import KeyRejected, key_for_secret
+from governance.selectors import KeyRejected
 from governance.services import touch_key
 
 _ID = re.compile(r"^[\x21-\x7e]{1,128}$")
@@ -73,6 +74,7 @@ class Headers:
 
 @dataclass
 class Admitted:
+    opened: services.OpenedCall
     call_id: int
     conversation_external_id: str
     api_key: ApiKey
@@ -117,12 +119,12 @@ def _routes(app, chat: ChatRequest, plan: Plan) -> list[Route]:
     that cannot be priced is skipped and said so)."""
     routes = [Route(plan.model, plan.price, Upstream.for_application(app), _payload(chat, plan, app, plan.model))]
     seen = {(routes[0].upstream.base_url, plan.model.name)}
-    for fb in app.fallbacks.all():
+    for fb in config_cache.fallbacks(app):
         upstream = Upstream.for_application(app, base_url=fb.provider_base_url, api_key=fb.provider_api_key)
         if (upstream.base_url, fb.model) in seen:
             continue
         try:
-            priced = priced_model(name=fb.model)
+            priced = config_cache.priced(fb.model, timezone.now())
         except (UnknownModel, ModelNotPriced):
             plan.decisions.append({"kind": "fallback_skipped", "model": fb.model, "why": "not catalogued or no price in force"})
             continue
@@ -157,7 +159,8 @@ def _count_for(messages: list[dict], model: LanguageModel) -> tuple[int, bool]:
 
 def _apply_step_policy(plan: Plan, *, app, step: str) -> None:
     """The step's (or the application's default) input and output caps."""
-    policy = step_policy(application=app, step=step)
+    policies = config_cache.step_policies(app)
+    policy = policies.get(step) or policies.get("")
     if policy is None:
         return
     which = {"policy": policy.pk, "step": policy.step or "(default)"}
@@ -214,8 +217,9 @@ def admit(
     """Authenticate (unless the caller already did: the native API), resolve,
     count and open the call, or record why not and raise."""
     try:
+        config_cache.refresh()
         if api_key is None:
-            api_key = key_for_secret(secret=headers.secret())
+            api_key = config_cache.api_key(headers.secret())
     except KeyRejected as exc:
         err = auth_error(exc.message, exc.code)
         services.record_rejection(
@@ -230,7 +234,9 @@ def admit(
             key_prefix=exc.prefix,
         )
         raise err from None
-    touch_key(api_key_id=api_key.pk, resolution_s=settings.GATEWAY["KEY_LAST_USED_RESOLUTION_S"])
+    resolution = settings.GATEWAY["KEY_LAST_USED_RESOLUTION_S"]
+    if config_cache.key_needs_touch(api_key.pk, resolution):
+        touch_key(api_key_id=api_key.pk, resolution_s=resolution)
     app = api_key.application
     end_user = headers.end_user or (chat.user if chat else "")
     model_name = (chat.model if chat else None) or app.default_model
@@ -262,7 +268,7 @@ def admit(
     except GatewayError as err:
         raise refuse(err) from None
     try:
-        priced = priced_model(name=model_name)
+        priced = config_cache.priced(model_name, timezone.now())
     except UnknownModel:
         raise refuse(
             GatewayError(
@@ -293,15 +299,20 @@ def admit(
         input_is_estimate=count.is_estimate,
         max_tokens=chat.max_tokens or app.default_max_tokens,
     )
-    budgets = applicable_budgets(application=app, api_key=api_key, end_user=end_user, step=headers.step)
+    budgets = applicable_budgets(
+        candidates=config_cache.budgets(app, api_key), application=app, api_key=api_key, end_user=end_user, step=headers.step
+    )
     try:
         _apply_step_policy(plan, app=app, step=headers.step)
     except GatewayError as err:
         raise refuse(err, decisions=plan.decisions) from None
-    rules = list(app.degradation_rules.all())
+    rules = config_cache.ladder(app)
     if rules:
         utilisation = current_utilisation(budgets=budgets, end_user=end_user)
-        apply_ladder(plan=plan, rules=rules, utilisation=utilisation, count_for=_count_for)
+        apply_ladder(
+            plan=plan, rules=rules, utilisation=utilisation, count_for=_count_for,
+            priced_for=lambda name: config_cache.priced(name, timezone.now()),
+        )
         if plan.refusal:
             raise refuse(
                 _budget_refusal(app, plan.refusal["mode"], "The application's budget policy refuses new requests at this level of spend."),
@@ -356,6 +367,7 @@ def admit(
             "unit": exc.unit, "needed_usd": str(exc.needed_usd), "needed_tokens": exc.needed_tokens,
         }
         raise refuse(_budget_refusal(app, mode, exc.message), decisions=[*plan.decisions, decision]) from None
+    opened.has_holds = bool(holds)
     reservation = None
     if holds:
         reservation = {
@@ -365,6 +377,7 @@ def admit(
             "budgets": [{"id": h.budget_id, "name": h.budget_name, "utilisation_percent": round(h.utilisation_after, 2)} for h in holds],
         }
     return Admitted(
+        opened=opened,
         call_id=opened.call_id,
         conversation_external_id=opened.conversation_external_id,
         api_key=api_key,

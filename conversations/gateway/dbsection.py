@@ -1,9 +1,9 @@
 """Run a synchronous ORM section from the async gateway.
 
 Sections run on a small dedicated thread pool rather than asgiref's
-per-request thread, and hand their connection back (to Django's psycopg pool
-on Postgres) when done, so a handful of connections serve any number of
-in-flight requests.
+per-request thread; each thread keeps its connection (from Django's psycopg
+pool on Postgres) between sections, so a handful of connections serve any
+number of in-flight requests and a broken one is replaced on the next section.
 """
 
 import asyncio
@@ -30,7 +30,11 @@ def _run(fn, kwargs):
     try:
         return fn(**kwargs)
     finally:
-        connection.close()
+        # Keep a healthy connection for this thread's next section (handing it
+        # back to the pool and taking it again costs more than the section's
+        # own queries); drop one that failed, so the next section reconnects.
+        if connection.errors_occurred or connection.in_atomic_block:
+            connection.close()
 
 
 async def db_section(fn, /, **kwargs):

@@ -135,23 +135,23 @@ async def _finish(admitted: Admitted, result: services.CallResult) -> services.F
     if admitted.degraded and result.outcome == Outcome.ANSWERED:
         result.outcome = Outcome.DEGRADED
     # Shielded: a client that goes away must not stop the record being written.
-    return await asyncio.shield(_finish_with_retries(admitted.call_id, result))
+    return await asyncio.shield(_finish_with_retries(admitted.opened, result))
 
 
 FINISH_RETRY_DELAYS_S = (0.2, 0.4, 0.8, 1.6, 2.0)
 
 
-async def _finish_with_retries(call_id: int, result: services.CallResult) -> services.FinishedCall:
+async def _finish_with_retries(call: services.OpenedCall, result: services.CallResult) -> services.FinishedCall:
     """The provider has answered (and billed): ride out a short database blip
     (a failover or restart takes seconds) rather than lose the record. Safe to
     repeat: finishing is one transaction, conditional on the call still being open."""
     for delay in (*FINISH_RETRY_DELAYS_S, None):
         try:
-            return await db_section(services.finish_call, call_id=call_id, result=result)
+            return await db_section(services.finish_call, call=call, result=result)
         except DatabaseError:
             if delay is None:
                 raise
-            log.warning("gateway.record_retry", call_id=call_id, retry_in_s=delay)
+            log.warning("gateway.record_retry", call_id=call.call_id, retry_in_s=delay)
             await asyncio.sleep(delay)
 
 
