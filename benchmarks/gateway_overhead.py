@@ -245,18 +245,23 @@ def django_setup(database_url: str) -> None:
     django.setup()
 
 
-def seed(run_id: str) -> tuple[str, int]:
-    """Catalogue, the bench application and a fresh key; returns (secret, key id)."""
+def seed(run_id: str, *, with_budgets: bool = False) -> tuple[str, int]:
+    """Catalogue, the bench application and a fresh key; returns (secret, key id).
+
+    With budgets, the key belongs to a second application whose every request
+    is reserved and settled against three budgets (application, key, step) and
+    evaluated against a degradation ladder (a rung at 90 % that never fires)."""
     from budgets.catalogue import seed_catalogue
     from governance.models import Application
     from governance.services import create_api_key
 
     seed_catalogue()
-    app = Application.objects.filter(slug=APP_SLUG).first()
+    slug = APP_SLUG + ("-budgets" if with_budgets else "")
+    app = Application.objects.filter(slug=slug).first()
     if app is None:
         app = Application.objects.create(
-            slug=APP_SLUG, name="Gateway overhead benchmark", default_model="gpt-4o-mini",
-            status=Application.Status.PILOT,
+            slug=slug, name="Gateway overhead benchmark" + (" (budgets)" if with_budgets else ""),
+            default_model="gpt-4o-mini", status=Application.Status.PILOT,
         )
     # No response cache and no rate limits on the benchmark application: every
     # request must go to the provider, and none may be throttled.
@@ -268,6 +273,19 @@ def seed(run_id: str) -> tuple[str, int]:
     if changed:
         app.save(update_fields=changed)
     issued = create_api_key(application=app, name=f"benchmark run {run_id}")
+    if with_budgets:
+        from decimal import Decimal
+
+        from budgets.models import Budget, DegradationRule
+
+        big = Decimal("1000000")
+        Budget.objects.get_or_create(name="bench: application, monthly", scope="application", application=app,
+                                     defaults={"period": "month", "limit_usd": big})
+        Budget.objects.create(name=f"bench: key {issued.api_key.prefix}, daily", scope="api_key", api_key=issued.api_key,
+                              period="day", limit_usd=big, limit_tokens=10**12)
+        Budget.objects.get_or_create(name="bench: step answer, daily", scope="step", application=app, step="answer",
+                                     defaults={"period": "day", "limit_usd": big, "timezone": "Europe/Paris"})
+        DegradationRule.objects.get_or_create(application=app, threshold_percent=90, defaults={"switch_to_model": "gpt-4.1-nano"})
     return issued.secret, issued.api_key.pk
 
 
@@ -829,6 +847,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="gpt-4o-mini")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds")
+    p.add_argument("--budgets", action="store_true",
+                   help="reserve and settle every request against three budgets and evaluate a ladder")
     p.add_argument("--gateway-env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for the gateway process (repeatable), e.g. GATEWAY_DB_THREADS=16")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="PCT",
@@ -885,7 +905,7 @@ def main(argv=None) -> int:
     base_env.pop("DJANGO_SETTINGS_MODULE", None)
     migrate(base_env)
     django_setup(args.database_url)
-    secret, key_id = seed(run_id)
+    secret, key_id = seed(run_id, with_budgets=args.budgets)
     db = database_info()
     info = machine_info(args, db)
 
