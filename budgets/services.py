@@ -47,15 +47,34 @@ def subject_for(budget: Budget, end_user: str) -> str:
     return end_user if budget.scope == Budget.Scope.END_USER and not budget.end_user else ""
 
 
+def _keys(budgets: list[Budget], end_user: str, at: datetime) -> list[tuple[Budget, str, datetime, datetime | None]]:
+    out = []
+    for budget in budgets:
+        start, end = period_bounds(period=budget.period, tz_name=budget.timezone, at=at)
+        out.append((budget, subject_for(budget, end_user), start, end))
+    return out
+
+
+def _existing_rows(keys) -> dict[tuple[int, str, datetime], BudgetPeriod]:
+    """The current rows of several budgets in one query."""
+    if not keys:
+        return {}
+    q = Q()
+    for budget, subject, start, _ in keys:
+        q |= Q(budget_id=budget.pk, subject=subject, period_start=start)
+    return {(r.budget_id, r.subject, r.period_start): r for r in BudgetPeriod.objects.filter(q)}
+
+
 def period_rows(*, budgets: list[Budget], end_user: str, at: datetime) -> list[BudgetPeriod]:
     """The accounting row of each budget for the period containing `at`,
     created on first use (concurrent first uses converge on one row)."""
+    keys = _keys(budgets, end_user, at)
+    existing = _existing_rows(keys)
     rows = []
-    for budget in budgets:
-        start, end = period_bounds(period=budget.period, tz_name=budget.timezone, at=at)
-        key = {"budget": budget, "subject": subject_for(budget, end_user), "period_start": start}
-        row = BudgetPeriod.objects.filter(**key).first()
+    for budget, subject, start, end in keys:
+        row = existing.get((budget.pk, subject, start))
         if row is None:
+            key = {"budget": budget, "subject": subject, "period_start": start}
             try:
                 with transaction.atomic():
                     row = BudgetPeriod.objects.create(period_end=end, **key)
@@ -69,7 +88,8 @@ def period_rows(*, budgets: list[Budget], end_user: str, at: datetime) -> list[B
 def _lock(period_ids) -> dict[int, BudgetPeriod]:
     return {
         p.pk: p
-        for p in BudgetPeriod.objects.select_for_update().select_related("budget").filter(pk__in=set(period_ids)).order_by("pk")
+        # lock only the period rows (not the budgets joined for reading)
+        for p in BudgetPeriod.objects.select_for_update(of=("self",)).select_related("budget").filter(pk__in=set(period_ids)).order_by("pk")
     }
 
 
@@ -110,11 +130,12 @@ def reserve(
         if budget.limit_tokens is not None and period.spent_tokens + period.reserved_tokens + tokens > budget.limit_tokens:
             raise BudgetExceeded(budget=budget, period=period, needed_usd=amount_usd, needed_tokens=tokens, unit="tokens")
     expires = at + timedelta(seconds=ttl_s)
+    # Every budget holds the same amount: one statement for all of them.
+    BudgetPeriod.objects.filter(pk__in=list(locked)).update(
+        reserved_usd=F("reserved_usd") + amount_usd, reserved_tokens=F("reserved_tokens") + tokens
+    )
     holds = []
     for period in locked.values():
-        BudgetPeriod.objects.filter(pk=period.pk).update(
-            reserved_usd=F("reserved_usd") + amount_usd, reserved_tokens=F("reserved_tokens") + tokens
-        )
         period.reserved_usd += amount_usd
         period.reserved_tokens += tokens
         holds.append(
@@ -152,30 +173,49 @@ def utilisation_of(period: BudgetPeriod) -> float:
 
 
 def _close(*, call_id: int, status: str, cost_usd: Decimal | None, tokens: int | None, include_expired: bool) -> int:
-    """Move a call's holds to `status`, adjusting every period under its lock."""
+    """Move a call's holds to `status`, adjusting every period under its lock.
+
+    Holds are read again after the period rows are locked: every change of a
+    hold's state happens under those locks, so what is read then is stable,
+    and each group of holds moves in one conditional statement."""
     states = [Reservation.Status.HELD] + ([Reservation.Status.EXPIRED] if include_expired else [])
-    reservations = list(Reservation.objects.filter(call_id=call_id, status__in=states))
-    if not reservations:
+    period_ids = set(Reservation.objects.filter(call_id=call_id, status__in=states).values_list("budget_period_id", flat=True))
+    if not period_ids:
         return 0
-    locked = _lock(r.budget_period_id for r in reservations)
+    locked = _lock(period_ids)
+    reservations = list(Reservation.objects.filter(call_id=call_id, status__in=states))
     now = timezone.now()
-    changed = 0
-    for res in reservations:
-        was_held = res.status == Reservation.Status.HELD
-        fields = {"status": status, "closed_at": now}
-        if status == Reservation.Status.SETTLED:
-            fields.update(settled_usd=cost_usd, settled_tokens=tokens)
-        if Reservation.objects.filter(pk=res.pk, status=res.status).update(**fields) != 1:
-            continue  # closed concurrently by someone else
-        changed += 1
-        delta = {}
-        if was_held:
-            delta.update(reserved_usd=F("reserved_usd") - res.amount_usd, reserved_tokens=F("reserved_tokens") - res.tokens)
-        if status == Reservation.Status.SETTLED:
-            delta.update(spent_usd=F("spent_usd") + cost_usd, spent_tokens=F("spent_tokens") + tokens)
-        BudgetPeriod.objects.filter(pk=res.budget_period_id).update(**delta)
+    fields = {"status": status, "closed_at": now}
     if status == Reservation.Status.SETTLED:
-        _raise_warnings(list(locked))
+        fields.update(settled_usd=cost_usd, settled_tokens=tokens)
+    changed = 0
+    for was in states:
+        group = [r for r in reservations if r.status == was]
+        if not group:
+            continue
+        changed += Reservation.objects.filter(pk__in=[r.pk for r in group], status=was).update(**fields)
+        # holds of one call all have the same amount (reserve() holds it on every budget)
+        by_amount: dict[tuple[Decimal, int], list[int]] = {}
+        for r in group:
+            by_amount.setdefault((r.amount_usd, r.tokens), []).append(r.budget_period_id)
+        for (amount, held_tokens), ids in by_amount.items():
+            delta = {}
+            if was == Reservation.Status.HELD:
+                delta.update(reserved_usd=F("reserved_usd") - amount, reserved_tokens=F("reserved_tokens") - held_tokens)
+            if status == Reservation.Status.SETTLED:
+                delta.update(spent_usd=F("spent_usd") + cost_usd, spent_tokens=F("spent_tokens") + tokens)
+            if delta:
+                BudgetPeriod.objects.filter(pk__in=ids).update(**delta)
+            for pid in ids:
+                period = locked[pid]
+                if was == Reservation.Status.HELD:
+                    period.reserved_usd -= amount
+                    period.reserved_tokens -= held_tokens
+                if status == Reservation.Status.SETTLED:
+                    period.spent_usd += cost_usd
+                    period.spent_tokens += tokens
+    if status == Reservation.Status.SETTLED:
+        _raise_warnings(list(locked.values()))
     return changed
 
 
@@ -212,8 +252,9 @@ def expire_stale_reservations(*, now: datetime | None = None, batch: int = 500) 
     return expired
 
 
-def _raise_warnings(period_ids: list[int]) -> None:
-    for period in BudgetPeriod.objects.select_related("budget", "budget__application").filter(pk__in=period_ids):
+def _raise_warnings(periods: list[BudgetPeriod]) -> None:
+    """Budget warnings from the locked rows as they now stand (no re-read)."""
+    for period in periods:
         pct = utilisation_of(period)
         crossed = [t for t in (period.budget.warn_at or []) if pct >= t and t > period.warned_at_percent]
         if not crossed:
@@ -257,12 +298,13 @@ def applicable_budgets(*, candidates: list[Budget], application, api_key, end_us
 
 
 def current_utilisation(*, budgets: list[Budget], end_user: str, at: datetime | None = None) -> dict[int, float]:
-    """Budget id → percent used (spent + held) in the current period; no locks."""
+    """Budget id → percent used (spent + held) in the current period; one query, no locks."""
     at = at or timezone.now()
+    keys = _keys(budgets, end_user, at)
+    existing = _existing_rows(keys)
     out = {}
-    for budget in budgets:
-        start, _ = period_bounds(period=budget.period, tz_name=budget.timezone, at=at)
-        row = BudgetPeriod.objects.filter(budget=budget, subject=subject_for(budget, end_user), period_start=start).first()
+    for budget, subject, start, _ in keys:
+        row = existing.get((budget.pk, subject, start))
         if row is None:
             out[budget.pk] = 0.0 if (budget.limit_usd or budget.limit_tokens) else 100.0
         else:
