@@ -11,7 +11,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 import orjson
 
 from budgets.models import LanguageModel, ModelPrice
@@ -57,9 +57,10 @@ class Policy:
 
 @dataclass
 class Sent:
-    response: httpx.Response
+    response: aiohttp.ClientResponse
     route: Route
     body: dict | None = None  # parsed chat completion (non-streaming)
+    raw: bytes = b""  # the provider's bytes, relayed unchanged (non-streaming)
 
 
 class AttemptsFailed(Exception):
@@ -100,7 +101,7 @@ def backoff_s(policy: Policy, retry: int, retry_after: float | None, rng=random)
     return delay
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(response: aiohttp.ClientResponse) -> float | None:
     value = response.headers.get("retry-after")
     if value is None:
         return None
@@ -110,16 +111,18 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def _parse(response: httpx.Response) -> dict:
-    body = orjson.loads(response.content)
+def _parse(raw: bytes) -> dict:
+    body = orjson.loads(raw)
     if not isinstance(body, dict) or not isinstance(body.get("choices"), list) or not body["choices"]:
         raise ValueError("no choices")
     return body
 
 
-def _timeout(policy: Policy, remaining: float) -> httpx.Timeout:
-    read = max(0.01, min(policy.read_timeout_s, remaining))
-    return httpx.Timeout(read, connect=max(0.01, min(policy.connect_timeout_s, remaining)), pool=max(0.01, remaining))
+def _timeout(policy: Policy, remaining: float) -> aiohttp.ClientTimeout:
+    return provider.timeout(
+        connect_s=max(0.01, min(policy.connect_timeout_s, remaining)),
+        read_s=max(0.01, min(policy.read_timeout_s, remaining)),
+    )
 
 
 async def send(*, routes: list[Route], policy: Policy, attempts: Attempts, stream: bool) -> Sent:
@@ -131,7 +134,6 @@ async def send(*, routes: list[Route], policy: Policy, attempts: Attempts, strea
         if not breaker.allow(key):
             attempts.add(route, 0, time.perf_counter(), "breaker_open")
             continue
-        client = provider.client_for(route.upstream.base_url)
         for retry in range(policy.max_retries + 1):
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
@@ -139,39 +141,39 @@ async def send(*, routes: list[Route], policy: Policy, attempts: Attempts, strea
             tried_any = True
             t0 = time.perf_counter()
             retry_after = None
+            raw = b""
             try:
-                request = provider.build_request(route.upstream, route.payload, timeout=_timeout(policy, remaining))
-                response = await client.send(request, stream=stream)
-            except httpx.HTTPError as exc:
+                response = await provider.post(route.upstream, route.payload, limits=_timeout(policy, remaining))
+                if not stream or response.status >= 400:
+                    raw = await response.read()
+            except provider.TRANSPORT_ERRORS as exc:
                 err = provider.transport_error(exc)
-                if isinstance(exc, httpx.TimeoutException) and time.perf_counter() >= deadline - 0.001:
+                if provider.is_timeout(exc) and time.perf_counter() >= deadline - 0.01:
                     attempts.add(route, retry, t0, "timeout", code=err.code)
                     breaker.record(key, False)
                     raise AttemptsFailed(_deadline_error(policy), "deadline_exceeded") from None
                 attempts.add(route, retry, t0, "error", code=err.code)
             else:
-                if response.status_code < 400:
+                if response.status < 400:
                     if stream:
-                        attempts.add(route, retry, t0, "ok", status=response.status_code)
+                        attempts.add(route, retry, t0, "ok", status=response.status)
                         breaker.record(key, True)
                         return Sent(response, route)
                     try:
-                        body = _parse(response)
+                        body = _parse(raw)
                     except (orjson.JSONDecodeError, ValueError):
                         err = provider.malformed("the body is not a chat completion")
-                        attempts.add(route, retry, t0, "malformed", status=response.status_code, code=err.code)
+                        attempts.add(route, retry, t0, "malformed", status=response.status, code=err.code)
                     else:
-                        attempts.add(route, retry, t0, "ok", status=response.status_code)
+                        attempts.add(route, retry, t0, "ok", status=response.status)
                         breaker.record(key, True)
-                        return Sent(response, route, body)
+                        return Sent(response, route, body, raw)
                 else:
-                    if stream:
-                        await response.aread()
-                        await response.aclose()
-                    err = provider.http_error(response)
+                    response.release()
+                    err = provider.http_error(response.status, response.headers, raw)
                     retry_after = _retry_after(response)
-                    attempts.add(route, retry, t0, f"http_{response.status_code}", status=response.status_code, code=err.code)
-                    if response.status_code not in RETRYABLE_STATUS:
+                    attempts.add(route, retry, t0, f"http_{response.status}", status=response.status, code=err.code)
+                    if response.status not in RETRYABLE_STATUS:
                         # The provider refused the request itself: another try or model won't change that.
                         raise AttemptsFailed(err, "upstream_rejected")
             breaker.record(key, False)

@@ -9,7 +9,6 @@ import asyncio
 import time
 from decimal import Decimal
 
-import httpx
 import orjson
 import structlog
 from django.conf import settings
@@ -224,7 +223,8 @@ async def complete_for_api(
         )
     except GatewayError as err:
         return err.http_status, err.body(), err.outcome
-    resp = await _complete(admitted, request_id, started)
+    async with provider.ephemeral_sessions():
+        resp = await _complete(admitted, request_id, started)
     return resp.status_code, orjson.loads(resp.content), resp["X-Governance-Outcome"]
 
 
@@ -241,8 +241,8 @@ async def _complete(admitted: Admitted, request_id: str, started: float) -> Http
             result = _failure(failed.err, started, attempts=attempts.items)
             return await _error_reply(admitted, result, failed, request_id, stream=False)
         result = True
-        _store_cached(admitted, sent.response.content)
-        return await _answer(admitted, request_id, started, sent.response.content, sent.route, attempts, body=sent.body)
+        _store_cached(admitted, sent.raw)
+        return await _answer(admitted, request_id, started, sent.raw, sent.route, attempts, body=sent.body)
     except asyncio.CancelledError:
         if result is None:
             await _finish(
@@ -393,7 +393,8 @@ async def _stream(admitted: Admitted, chat: ChatRequest, request_id: str, starte
         err = None
         cancelled = False
         try:
-            async for line in upstream.aiter_lines():
+            async for raw_line in upstream.content:
+                line = raw_line.decode("utf-8", "replace").rstrip("\r\n")
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
@@ -415,7 +416,7 @@ async def _stream(admitted: Admitted, chat: ChatRequest, request_id: str, starte
                 yield b"data: " + data.encode() + b"\n\n"
             if not done and err is None:
                 err = provider.upstream_error(502, "The provider's stream ended before it was complete.", "upstream_stream_interrupted")
-        except httpx.HTTPError as exc:
+        except provider.TRANSPORT_ERRORS as exc:
             err = provider.upstream_error(
                 502, f"The provider's stream broke off ({type(exc).__name__}).", "upstream_stream_interrupted"
             )
@@ -423,7 +424,10 @@ async def _stream(admitted: Admitted, chat: ChatRequest, request_id: str, starte
             cancelled = True
             raise
         finally:
-            await upstream.aclose()
+            if done:
+                upstream.release()  # the connection goes back to the pool
+            else:
+                upstream.close()  # cut, failed or cancelled: drop the connection, which stops the provider
             common = dict(latency_ms=_ms(started), provider_latency_ms=_ms(asked), attempts=attempts.items, **_route_fields(admitted, route))
             if cancelled:
                 result = state.result(
