@@ -205,6 +205,22 @@ def _budget_refusal(app, mode: str, message: str) -> GatewayError:
     return GatewayError(429, message, "budget_exceeded", type="insufficient_quota")
 
 
+def _record_refusal(err: GatewayError, request_id: str, started: float, **fields) -> GatewayError:
+    """Record a request refused before the provider was asked; returns the error to raise."""
+    services.record_rejection(
+        request_id=request_id,
+        http_status=err.http_status,
+        status=err.status,
+        outcome=err.outcome,
+        error_type=err.type,
+        error_code=err.code,
+        error_message=err.reason if isinstance(err, PoliteRefusal) else err.message,
+        latency_ms=_elapsed_ms(started),
+        **fields,
+    )
+    return err
+
+
 def admit(
     *,
     request_id: str,
@@ -221,19 +237,7 @@ def admit(
         if api_key is None:
             api_key = config_cache.api_key(headers.secret())
     except KeyRejected as exc:
-        err = auth_error(exc.message, exc.code)
-        services.record_rejection(
-            request_id=request_id,
-            http_status=err.http_status,
-            status=err.status,
-            outcome=err.outcome,
-            error_type=err.type,
-            error_code=err.code,
-            error_message=err.message,
-            latency_ms=_elapsed_ms(started),
-            key_prefix=exc.prefix,
-        )
-        raise err from None
+        raise _record_refusal(auth_error(exc.message, exc.code), request_id, started, key_prefix=exc.prefix) from None
     resolution = settings.GATEWAY["KEY_LAST_USED_RESOLUTION_S"]
     if config_cache.key_needs_touch(api_key.pk, resolution):
         touch_key(api_key_id=api_key.pk, resolution_s=resolution)
@@ -242,15 +246,10 @@ def admit(
     model_name = (chat.model if chat else None) or app.default_model
 
     def refuse(err: GatewayError, **extra) -> GatewayError:
-        services.record_rejection(
-            request_id=request_id,
-            http_status=err.http_status,
-            status=err.status,
-            outcome=err.outcome,
-            error_type=err.type,
-            error_code=err.code,
-            error_message=err.reason if isinstance(err, PoliteRefusal) else err.message,
-            latency_ms=_elapsed_ms(started),
+        return _record_refusal(
+            err,
+            request_id,
+            started,
             api_key=api_key,
             model_requested=model_name or "",
             stream=bool(chat and chat.stream),
@@ -259,7 +258,6 @@ def admit(
             parameters=chat.parameters() if chat else {},
             **extra,
         )
-        return err
 
     if body_error is not None:
         raise refuse(body_error)
