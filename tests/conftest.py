@@ -107,3 +107,27 @@ def other_app_key(catalogue):
     app = Application.objects.create(slug="other-bot", name="Other bot", default_model="gpt-4o-mini")
     issued = create_api_key(application=app, name="tests")
     return app, issued.api_key, issued.secret
+
+
+# Admin users, one per role the admin tests act as.
+@pytest.fixture
+def superuser(db):
+    from tests.factories import make_user
+
+    return make_user(username="root", superuser=True)
+
+
+@pytest.fixture
+def auditor(db):
+    from governance.roles import AUDITOR
+    from tests.factories import make_user
+
+    return make_user(username="audrey", role=AUDITOR)
+
+
+@pytest.fixture
+def manager(db):
+    from governance.roles import MANAGER
+    from tests.factories import make_user
+
+    return make_user(username="manon", role=MANAGER)

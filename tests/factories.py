@@ -201,3 +201,10 @@ def make_rejected_call(*, request_id: str, application: Application | None = Non
         created_at=now,
         completed_at=now,
     )
+
+
+def admin_url(name: str, *args) -> str:
+    """An admin URL by its short name, e.g. admin_url("budgets_budget_change", pk)."""
+    from django.urls import reverse
+
+    return reverse(f"admin:{name}", args=args)

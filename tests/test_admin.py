@@ -21,6 +21,7 @@ from governance.models import ApiKey, Application
 from governance.roles import AUDITOR, MANAGER, ON_CALL, ROLES, SUPPORT_AGENT, sync_roles
 from governance.services import create_api_key, hash_key
 from tests.factories import (
+    admin_url as url,
     Turn,
     make_application,
     make_conversation,
@@ -88,25 +89,6 @@ def other_conversation(other_app, catalogue):
 @pytest.fixture
 def rejected_call():
     return make_rejected_call(request_id="req_bad_key")
-
-
-@pytest.fixture
-def superuser():
-    return make_user(username="root", superuser=True)
-
-
-@pytest.fixture
-def auditor():
-    return make_user(username="audrey", role=AUDITOR)
-
-
-@pytest.fixture
-def manager():
-    return make_user(username="manon", role=MANAGER)
-
-
-def url(name: str, *args) -> str:
-    return reverse(f"admin:{name}", args=args)
 
 
 def timeline_html(html: str) -> str:

@@ -24,6 +24,7 @@ from governance.models import FallbackRoute
 from governance.roles import AUDITOR, MANAGER, ON_CALL, SUPPORT_AGENT
 from governance.services import create_api_key, revoke_api_key
 from tests.budget_helpers import D, make_budget, make_call
+from tests.factories import admin_url as url
 from tests.factories import make_application, make_model, make_user
 
 pytestmark = pytest.mark.django_db
@@ -43,25 +44,6 @@ def catalogue():
 @pytest.fixture
 def app(catalogue):
     return make_application(slug="support-bot")
-
-
-@pytest.fixture
-def superuser():
-    return make_user(username="root", superuser=True)
-
-
-@pytest.fixture
-def manager():
-    return make_user(username="manon", role=MANAGER)
-
-
-@pytest.fixture
-def auditor():
-    return make_user(username="audrey", role=AUDITOR)
-
-
-def url(name: str, *args) -> str:
-    return reverse(f"admin:{name}", args=args)
 
 
 def spend(budget: Budget, *, settled: str = "0", held: str = "0", tokens: int = 100, request_id: str = "r") -> None:
