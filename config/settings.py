@@ -178,6 +178,9 @@ GATEWAY = {
     "PROVIDER_TIMEOUT_S": env.float("GATEWAY_PROVIDER_TIMEOUT_S", default=60.0),
     "PROVIDER_CONNECT_TIMEOUT_S": env.float("GATEWAY_PROVIDER_CONNECT_TIMEOUT_S", default=5.0),
     "DB_THREADS": env.int("GATEWAY_DB_THREADS", default=8),
+    # On Postgres, open and finish each call with one SQL function call
+    # (conversations migration 0004) instead of the ORM's statements.
+    "SQL_RECORDING": env.bool("GATEWAY_SQL_RECORDING", default=True),
     "KEY_LAST_USED_RESOLUTION_S": 60,
     # Applied when a budget applies and the request sets no max_tokens, so the worst case is bounded.
     "DEFAULT_MAX_OUTPUT_TOKENS": env.int("GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS", default=4096),

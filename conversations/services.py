@@ -27,7 +27,9 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _message_rows(*, conversation, call, messages: list[dict], now) -> list[Message]:
+def request_message_rows(messages: list[dict]) -> list[dict]:
+    """The stored form of each request message (text, structured parts, digest),
+    shared by the ORM and the Postgres function path."""
     rows = []
     for position, msg in enumerate(messages):
         content = msg.get("content")
@@ -39,29 +41,62 @@ def _message_rows(*, conversation, call, messages: list[dict], now) -> list[Mess
             if msg.get(key) is not None:
                 extra[key] = msg[key]
         rows.append(
-            Message(
-                conversation=conversation,
-                call=call,
-                direction=Message.Direction.REQUEST,
-                position=position,
-                role=msg["role"],
-                name=(msg.get("name") or "")[:64],
-                content=text,
-                parts=extra or None,
-                content_sha256=sha256(msg["role"] + "\x1f" + text + "\x1f" + (orjson.dumps(extra).decode() if extra else "")),
-                created_at=now,
-            )
+            {
+                "position": position,
+                "role": msg["role"],
+                "name": (msg.get("name") or "")[:64],
+                "content": text,
+                "parts": extra or None,
+                "sha": sha256(msg["role"] + "\x1f" + text + "\x1f" + (orjson.dumps(extra).decode() if extra else "")),
+            }
         )
     return rows
 
 
+def answer_row(result: "CallResult") -> dict | None:
+    if not (result.content or result.tool_calls):
+        return None
+    parts = {"tool_calls": result.tool_calls} if result.tool_calls else None
+    return {
+        "content": result.content,
+        "parts": parts,
+        "sha": sha256("assistant\x1f" + result.content + "\x1f" + (orjson.dumps(parts).decode() if parts else "")),
+    }
+
+
+def _message_rows(*, conversation, call, messages: list[dict], now) -> list[Message]:
+    return [
+        Message(
+            conversation=conversation,
+            call=call,
+            direction=Message.Direction.REQUEST,
+            position=row["position"],
+            role=row["role"],
+            name=row["name"],
+            content=row["content"],
+            parts=row["parts"],
+            content_sha256=row["sha"],
+            created_at=now,
+        )
+        for row in request_message_rows(messages)
+    ]
+
+
+def new_conversation_id() -> str:
+    return "auto_" + uuid.uuid4().hex
+
+
+def conversation_title(messages: list[dict]) -> str:
+    first_user = next((text_of(m.get("content")) for m in messages if m.get("role") == "user"), "")
+    return " ".join(first_user.split())[:120]
+
+
 def _conversation(*, application: Application, external_id: str | None, end_user: str, messages, now) -> Conversation:
     if not external_id:
-        external_id = "auto_" + uuid.uuid4().hex
-    first_user = next((text_of(m.get("content")) for m in messages if m.get("role") == "user"), "")
+        external_id = new_conversation_id()
     defaults = {
         "end_user": end_user,
-        "title": " ".join(first_user.split())[:120],
+        "title": conversation_title(messages),
         "started_at": now,
         "last_activity_at": now,
     }
@@ -84,6 +119,7 @@ class OpenedCall:
     price: ModelPrice | None = None
     decisions: list = field(default_factory=list)
     has_holds: bool = False
+    budgets: list = field(default_factory=list)  # those holding, for warnings at settlement
 
 
 @transaction.atomic(savepoint=False)
@@ -143,6 +179,42 @@ def open_call(
     )
 
 
+def sql_recording() -> bool:
+    """Whether the gateway's writes go through the Postgres functions
+    (migration conversations 0004) instead of the ORM."""
+    from django.conf import settings
+    from django.db import connection
+
+    return connection.vendor == "postgresql" and settings.GATEWAY["SQL_RECORDING"]
+
+
+def open_call_with_holds(
+    *, budgets: list, hold_usd: Decimal, hold_tokens: int, ttl_s: float, **call_fields
+) -> tuple[OpenedCall, list]:
+    """Open the call and hold its worst case on every budget, in one
+    transaction: all or nothing (raises budgets.services.BudgetExceeded)."""
+    if sql_recording():
+        from conversations import recording_sql
+
+        return recording_sql.open_call_with_holds(
+            budgets=budgets, hold_usd=hold_usd, hold_tokens=hold_tokens, ttl_s=ttl_s, **call_fields
+        )
+    from budgets.services import reserve
+
+    with transaction.atomic():
+        opened = open_call(**call_fields)
+        holds = reserve(
+            call_id=opened.call_id,
+            budgets=budgets,
+            end_user=call_fields["end_user"],
+            amount_usd=hold_usd,
+            tokens=hold_tokens,
+            ttl_s=ttl_s,
+        )
+    opened.has_holds = bool(holds)
+    return opened, holds
+
+
 @dataclass
 class CallResult:
     status: str
@@ -176,11 +248,8 @@ class FinishedCall:
     cost_usd: Decimal | None
 
 
-@transaction.atomic
-def finish_call(*, call: OpenedCall, result: CallResult) -> FinishedCall:
-    """Make an in-progress call final. A call already final (say, marked
-    interrupted by a reaper) is left alone and reported as not recorded."""
-    call_id = call.call_id
+def cost_and_total(*, call: OpenedCall, result: CallResult) -> tuple[ModelPrice | None, Decimal | None, int | None]:
+    """The price billed (a fallback's, if one answered), the cost and the total tokens."""
     price = call.price
     if result.price_id is not None:
         price = ModelPrice.objects.get(pk=result.price_id)
@@ -197,6 +266,24 @@ def finish_call(*, call: OpenedCall, result: CallResult) -> FinishedCall:
     total = None
     if result.prompt_tokens is not None:
         total = result.prompt_tokens + (result.completion_tokens or 0)
+    return price, cost, total
+
+
+def finish_call(*, call: OpenedCall, result: CallResult) -> FinishedCall:
+    """Make an in-progress call final and settle (or release) its budget holds,
+    in one transaction. A call already final (say, marked interrupted by a
+    reaper) is left alone and reported as not recorded."""
+    if sql_recording():
+        from conversations import recording_sql
+
+        return recording_sql.finish_call(call=call, result=result)
+    return _finish_call_orm(call=call, result=result)
+
+
+@transaction.atomic
+def _finish_call_orm(*, call: OpenedCall, result: CallResult) -> FinishedCall:
+    call_id = call.call_id
+    price, cost, total = cost_and_total(call=call, result=result)
     now = timezone.now()
     route = {"model_used": result.model_used, "price": price} if result.model_used else {}
     updated = ProviderCall.objects.filter(pk=call_id, status=ProviderCall.Status.IN_PROGRESS).update(
@@ -226,8 +313,8 @@ def finish_call(*, call: OpenedCall, result: CallResult) -> FinishedCall:
         _settle_budgets(call_id=call_id, cost=cost, tokens=total)
     if updated != 1:
         return FinishedCall(recorded=False, cost_usd=None)
-    if result.content or result.tool_calls:
-        parts = {"tool_calls": result.tool_calls} if result.tool_calls else None
+    answer = answer_row(result)
+    if answer:
         Message.objects.bulk_create(
             [
                 Message(
@@ -236,11 +323,9 @@ def finish_call(*, call: OpenedCall, result: CallResult) -> FinishedCall:
                     direction=Message.Direction.RESPONSE,
                     position=0,
                     role="assistant",
-                    content=result.content,
-                    parts=parts,
-                    content_sha256=sha256(
-                        "assistant\x1f" + result.content + "\x1f" + (orjson.dumps(parts).decode() if parts else "")
-                    ),
+                    content=answer["content"],
+                    parts=answer["parts"],
+                    content_sha256=answer["sha"],
                     created_at=now,
                 )
             ]

@@ -11,13 +11,12 @@ import time
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import transaction
 from django.utils import timezone
 
 from budgets.models import LanguageModel, ModelPrice
 from budgets.policy import Plan, apply_ladder, fit_input, worst_case
 from budgets.selectors import ModelNotPriced, UnknownModel
-from budgets.services import BudgetExceeded, applicable_budgets, current_utilisation, reserve
+from budgets.services import BudgetExceeded, applicable_budgets, current_utilisation
 from conversations import services
 from conversations.gateway.errors import GatewayError, PoliteRefusal, auth_error, invalid
 from conversations.gateway import config_cache, ratelimit
@@ -332,32 +331,27 @@ def admit(
     policy = Policy.for_application(app)
     upstream = routes[0].upstream
     try:
-        with transaction.atomic():
-            opened = services.open_call(
-                request_id=request_id,
-                api_key=api_key,
-                conversation_external_id=headers.conversation_id or None,
-                end_user=end_user,
-                step=headers.step,
-                stream=chat.stream,
-                model_requested=model_name,
-                model_used=plan.model.name,
-                parameters=chat.parameters(),
-                messages=plan.messages,
-                price=plan.price,
-                estimated_prompt_tokens=plan.input_tokens,
-                token_count_is_estimate=plan.input_is_estimate,
-                provider_base_url=upstream.base_url,
-                decisions=plan.decisions,
-            )
-            holds = reserve(
-                call_id=opened.call_id,
-                budgets=budgets,
-                end_user=end_user,
-                amount_usd=hold_usd,
-                tokens=hold_tokens,
-                ttl_s=max(settings.GATEWAY["RESERVATION_TTL_S"], policy.deadline_s + 30),
-            )
+        opened, holds = services.open_call_with_holds(
+            budgets=budgets,
+            hold_usd=hold_usd,
+            hold_tokens=hold_tokens,
+            ttl_s=max(settings.GATEWAY["RESERVATION_TTL_S"], policy.deadline_s + 30),
+            request_id=request_id,
+            api_key=api_key,
+            conversation_external_id=headers.conversation_id or None,
+            end_user=end_user,
+            step=headers.step,
+            stream=chat.stream,
+            model_requested=model_name,
+            model_used=plan.model.name,
+            parameters=chat.parameters(),
+            messages=plan.messages,
+            price=plan.price,
+            estimated_prompt_tokens=plan.input_tokens,
+            token_count_is_estimate=plan.input_is_estimate,
+            provider_base_url=upstream.base_url,
+            decisions=plan.decisions,
+        )
     except BudgetExceeded as exc:
         mode = _refusal_mode(rules)
         decision = {
@@ -365,7 +359,6 @@ def admit(
             "unit": exc.unit, "needed_usd": str(exc.needed_usd), "needed_tokens": exc.needed_tokens,
         }
         raise refuse(_budget_refusal(app, mode, exc.message), decisions=[*plan.decisions, decision]) from None
-    opened.has_holds = bool(holds)
     reservation = None
     if holds:
         reservation = {

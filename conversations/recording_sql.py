@@ -1,0 +1,210 @@
+"""The gateway's two writes per call on Postgres, as one function call each.
+
+Why: through the ORM, opening a call with three budgets took eleven statements
+and finishing it nine, each compiled in Python and sent in its own round trip,
+while the budget period rows stayed locked across those round trips. Every
+request of an application queues on the same period rows, so that lock time
+capped throughput at about 45 requests/s however many workers ran. The
+functions (conversations migration 0004) do the same writes server-side: the
+rows are locked for the function's microseconds and the commit.
+
+Same inputs, same rows as the ORM path (conversations/services.py,
+budgets/services.py), which stays the reference and what SQLite runs;
+tests/test_recording_sql.py runs both on Postgres and compares what they wrote.
+"""
+
+from datetime import timedelta
+from decimal import Decimal
+
+import orjson
+from django.db import connection
+from django.utils import timezone
+
+from budgets.models import Budget, BudgetPeriod
+from budgets.services import BudgetExceeded, Hold, _keys, _raise_warnings, utilisation_of
+from conversations.services import (
+    CallResult,
+    FinishedCall,
+    OpenedCall,
+    answer_row,
+    conversation_title,
+    cost_and_total,
+    new_conversation_id,
+    request_message_rows,
+)
+
+
+def _call(function: str, payload: dict) -> dict:
+    data = orjson.dumps(payload, default=str).decode()
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {function}(%s::jsonb)", [data])
+        out = cursor.fetchone()[0]
+    # Django's psycopg setup hands jsonb back as text (its JSONField decodes).
+    return orjson.loads(out) if isinstance(out, str | bytes) else out
+
+
+def _period(row: dict, budget: Budget) -> BudgetPeriod:
+    period = BudgetPeriod(
+        pk=row["id"],
+        budget_id=row["budget_id"],
+        spent_usd=Decimal(row["spent_usd"]),
+        reserved_usd=Decimal(row["reserved_usd"]),
+        spent_tokens=row["spent_tokens"],
+        reserved_tokens=row["reserved_tokens"],
+        warned_at_percent=row.get("warned_at_percent", 0),
+    )
+    period.budget = budget
+    return period
+
+
+def open_call_with_holds(
+    *,
+    budgets: list[Budget],
+    hold_usd: Decimal,
+    hold_tokens: int,
+    ttl_s: float,
+    request_id: str,
+    api_key,
+    conversation_external_id: str | None,
+    end_user: str,
+    step: str,
+    stream: bool,
+    model_requested: str,
+    model_used: str,
+    parameters: dict,
+    messages: list[dict],
+    price,
+    estimated_prompt_tokens: int,
+    token_count_is_estimate: bool,
+    provider_base_url: str,
+    decisions: list | None = None,
+) -> tuple[OpenedCall, list[Hold]]:
+    now = timezone.now()
+    external_id = conversation_external_id or new_conversation_id()
+    payload = {
+        "now": now,
+        "request_id": request_id,
+        "application_id": api_key.application_id,
+        "api_key_id": api_key.pk,
+        "key_prefix": api_key.prefix,
+        "external_id": external_id,
+        "end_user": end_user,
+        "title": conversation_title(messages),
+        "step": step,
+        "stream": stream,
+        "model_requested": model_requested,
+        "model_used": model_used,
+        "parameters": parameters,
+        "decisions": decisions or [],
+        "estimated_prompt_tokens": estimated_prompt_tokens,
+        "token_count_is_estimate": token_count_is_estimate,
+        "price_id": price.pk if price is not None else None,
+        "provider_base_url": provider_base_url,
+        "messages": request_message_rows(messages),
+    }
+    if budgets:
+        payload.update(
+            budgets=[
+                {"budget_id": b.pk, "subject": subject, "period_start": start, "period_end": end}
+                for b, subject, start, end in _keys(budgets, end_user, now)
+            ],
+            hold_usd=hold_usd,
+            hold_tokens=hold_tokens,
+            expires_at=now + timedelta(seconds=ttl_s),
+        )
+    out = _call("gateway_open_call", payload)
+    by_id = {b.pk: b for b in budgets}
+    if "exceeded" in out:
+        row = out["exceeded"]
+        budget = Budget.objects.get(pk=row["budget_id"])  # as it stands now, for the message
+        raise BudgetExceeded(
+            budget=budget,
+            period=_period({"id": row["period_id"], **row}, budget),
+            needed_usd=hold_usd,
+            needed_tokens=hold_tokens,
+            unit=row["unit"],
+        )
+    holds = []
+    for row in out["periods"] or ():
+        period = _period(row, by_id[row["budget_id"]])
+        holds.append(
+            Hold(
+                budget_id=period.budget_id,
+                budget_name=period.budget.name,
+                period_id=period.pk,
+                amount_usd=hold_usd,
+                tokens=hold_tokens,
+                utilisation_after=utilisation_of(period),
+            )
+        )
+    opened = OpenedCall(
+        call_id=out["call_id"],
+        conversation_id=out["conversation_id"],
+        conversation_external_id=external_id,
+        price=price,
+        decisions=list(decisions or []),
+        has_holds=bool(holds),
+        budgets=list(budgets) if holds else [],
+    )
+    return opened, holds
+
+
+def finish_call(*, call: OpenedCall, result: CallResult) -> FinishedCall:
+    price, cost, total = cost_and_total(call=call, result=result)
+    payload = {
+        "now": timezone.now(),
+        "call_id": call.call_id,
+        "conversation_id": call.conversation_id,
+        "has_holds": call.has_holds,
+        "attempts": result.attempts,
+        "status": result.status,
+        "outcome": result.outcome,
+        "http_status": result.http_status,
+        "error_type": result.error_type,
+        "error_code": result.error_code,
+        "error_message": result.error_message[:2000],
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "cached_tokens": result.cached_tokens,
+        "reasoning_tokens": result.reasoning_tokens,
+        "total_tokens": total,
+        "usage_source": result.usage_source,
+        "cost_usd": cost,
+        "finish_reason": result.finish_reason[:32],
+        "provider_response_id": result.provider_response_id[:128],
+        "decisions": [*call.decisions, *result.decisions],
+        "latency_ms": result.latency_ms,
+        "provider_latency_ms": result.provider_latency_ms,
+    }
+    if result.model_used:
+        payload.update(model_used=result.model_used, price_id=price.pk if price is not None else None)
+    answer = answer_row(result)
+    if answer:
+        if answer["parts"] is None:
+            del answer["parts"]
+        payload["answer"] = answer
+    out = _call("gateway_finish_call", payload)
+    if out["settled"] and out["periods"]:
+        _warn(call, out["periods"])
+    if not out["recorded"]:
+        return FinishedCall(recorded=False, cost_usd=None)
+    return FinishedCall(recorded=True, cost_usd=cost)
+
+
+def _warn(call: OpenedCall, rows: list[dict]) -> None:
+    """Budget warnings from the settled rows (the rare crossing is written by
+    the same conditional update as on the ORM path)."""
+    known = {b.pk: b for b in call.budgets}
+    missing = {r["budget_id"] for r in rows} - set(known)
+    if missing:
+        known.update(Budget.objects.in_bulk(missing))
+    periods = [_period(r, known[r["budget_id"]]) for r in rows]
+    crossing = [
+        p for p in periods
+        if any(utilisation_of(p) >= t and t > p.warned_at_percent for t in (p.budget.warn_at or []))
+    ]
+    if crossing:
+        for p in crossing:  # period_start/subject for the event's details
+            fresh = BudgetPeriod.objects.only("period_start", "subject").get(pk=p.pk)
+            p.period_start, p.subject = fresh.period_start, fresh.subject
+        _raise_warnings(crossing)

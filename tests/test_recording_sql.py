@@ -1,0 +1,148 @@
+"""On Postgres the gateway writes through two SQL functions; the ORM path is the
+reference. The same calls through both must leave the same rows."""
+
+from decimal import Decimal
+
+import pytest
+from django.db import connection
+from django.forms.models import model_to_dict
+
+from budgets.models import BudgetPeriod, CostEvent, Reservation
+from budgets.services import BudgetExceeded
+from conversations import services
+from conversations.models import Conversation, Message, ProviderCall
+from governance.services import create_api_key
+from tests.budget_helpers import D, make_budget
+from tests.factories import make_application, make_model
+
+pytestmark = pytest.mark.skipif(connection.vendor != "postgresql", reason="the SQL functions exist on Postgres only")
+
+MESSAGES = [
+    {"role": "system", "content": "You are a support bot."},
+    {"role": "user", "content": [{"type": "text", "text": "Where is my order?"}], "name": "alice"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+    {"role": "tool", "content": "shipped", "tool_call_id": "t1"},
+]
+
+
+def _world(slug: str, warn_at=(40, 80)):
+    app = make_application(slug=slug)
+    key = create_api_key(application=app).api_key
+    app_budget = make_budget(application=app, limit_usd=D("0.001000"), name=f"{slug} app", warn_at=list(warn_at))
+    key_budget = make_budget(application=app, scope="api_key", api_key=key, limit_tokens=5000, name=f"{slug} key")
+    per_user = make_budget(application=app, scope="end_user", limit_usd=D("1"), name=f"{slug} each user")
+    return app, key, [app_budget, key_budget, per_user]
+
+
+def _open(key, budgets, price, *, conversation="conv-1", hold=D("0.000400"), tokens=1200, request_id="req"):
+    return services.open_call_with_holds(
+        budgets=budgets, hold_usd=hold, hold_tokens=tokens, ttl_s=120,
+        request_id=request_id, api_key=key, conversation_external_id=conversation, end_user="alice", step="answer",
+        stream=False, model_requested="gpt-4o-mini", model_used="gpt-4o-mini", parameters={"max_tokens": 64, "temperature": 0.2},
+        messages=MESSAGES, price=price, estimated_prompt_tokens=40, token_count_is_estimate=False,
+        provider_base_url="http://127.0.0.1:1/v1", decisions=[{"kind": "max_tokens_capped", "from": None, "to": 64}],
+    )
+
+
+def _result(**kw):
+    base = dict(
+        status="succeeded", outcome="answered", http_status=200, latency_ms=12, provider_latency_ms=9,
+        prompt_tokens=1000, completion_tokens=150, cached_tokens=200, reasoning_tokens=0, usage_source="provider",
+        content="It shipped yesterday.", finish_reason="stop", provider_response_id="chatcmpl-1", provider_model="gpt-4o-mini",
+        attempts=[{"n": 1, "outcome": "ok", "latency_ms": 9}], decisions=[{"kind": "note"}],
+    )
+    base.update(kw)
+    return services.CallResult(**base)
+
+
+def _snapshot(app) -> dict:
+    skip = {"id", "application", "api_key", "conversation", "call", "budget", "budget_period", "price", "key_prefix"}
+    calls = ProviderCall.objects.filter(application=app).order_by("request_id")
+
+    def clean(obj, times=("created_at", "completed_at", "started_at", "last_activity_at", "closed_at", "expires_at")):
+        return {k: v for k, v in model_to_dict(obj).items() if k not in skip and k not in times}
+
+    return {
+        "calls": [clean(c) for c in calls],
+        "messages": [clean(m) for m in Message.objects.filter(call__application=app).order_by("call__request_id", "direction", "position")],
+        "conversations": [clean(c) for c in Conversation.objects.filter(application=app).order_by("external_id")],
+        "reservations": [
+            clean(r) for r in Reservation.objects.filter(call__application=app).order_by("call__request_id", "budget_period__budget__scope")
+        ],
+        "periods": [
+            (p.budget.scope, p.subject, clean(p))
+            for p in BudgetPeriod.objects.filter(budget__application=app).order_by("budget__scope", "subject")
+        ],
+        "warnings": sorted(e.message.split("'", 2)[2] for e in CostEvent.objects.filter(application=app)),
+    }
+
+
+def _scenario(slug: str, price) -> dict:
+    app, key, budgets = _world(slug)
+    # answered and settled (the second settled call crosses the 40% warning)
+    opened, holds = _open(key, budgets, price, request_id="a")
+    assert [h.budget_name for h in holds] == [f"{slug} app", f"{slug} key", f"{slug} each user"]
+    assert services.finish_call(call=opened, result=_result()).recorded
+    # failed before any usage: holds released, no answer stored
+    opened, _ = _open(key, budgets, price, request_id="b")
+    services.finish_call(
+        call=opened,
+        result=_result(status="failed", outcome="failed", http_status=502, prompt_tokens=None, completion_tokens=None,
+                       cached_tokens=None, usage_source="none", content="", error_type="api_error", error_code="upstream_error",
+                       error_message="x" * 2500),
+    )
+    # a new conversation with tool calls in the answer
+    opened, _ = _open(key, budgets, price, request_id="c", conversation="conv-2")
+    services.finish_call(call=opened, result=_result(content="", tool_calls=[{"id": "t2", "type": "function", "function": {"name": "g", "arguments": "{}"}}]))
+    # refused: the hold would pass the USD cap; nothing is written for it
+    with pytest.raises(BudgetExceeded) as info:
+        _open(key, budgets, price, request_id="d", hold=D("0.000900"))
+    snap = _snapshot(app)
+    snap["refusal"] = info.value.message.replace(slug, "APP")
+    # finishing twice records once and charges once
+    again = services.finish_call(call=opened, result=_result())
+    snap["second_finish_recorded"] = again.recorded
+    snap["after_second_finish"] = _snapshot(app)["periods"]
+    return snap
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sql_functions_write_what_the_orm_writes(settings):
+    _, price = make_model()
+    settings.GATEWAY = {**settings.GATEWAY, "SQL_RECORDING": False}
+    assert not services.sql_recording()
+    reference = _scenario("orm", price)
+    settings.GATEWAY = {**settings.GATEWAY, "SQL_RECORDING": True}
+    assert services.sql_recording()
+    fast = _scenario("sql", price)
+
+    for key in ("calls", "messages", "conversations", "reservations", "periods", "warnings"):
+        assert fast[key] == reference[key], key
+    assert fast["refusal"] == reference["refusal"]
+    assert fast["second_finish_recorded"] is reference["second_finish_recorded"] is False
+    assert fast["after_second_finish"] == reference["after_second_finish"]
+    # and the figures are the ones a reader of the books expects
+    app_period = next(p for scope, _, p in fast["periods"] if scope == "application")
+    cost = D("0.000150") * 800 / 1000 + D("0.000075") * 200 / 1000 + D("0.000600") * 150 / 1000
+    assert Decimal(app_period["spent_usd"]) == cost * 2
+    assert app_period["reserved_usd"] == 0
+    assert fast["warnings"], "crossing 40% of the USD budget raised a warning"
+    assert [c["error_message"] for c in fast["calls"]][1] == "x" * 2000
+
+
+@pytest.mark.django_db(transaction=True)
+def test_finish_settles_a_hold_the_reaper_expired(settings):
+    """The provider answered after the hold expired: the cost is still charged once."""
+    from budgets.services import expire_stale_reservations
+    from django.utils import timezone
+
+    _, price = make_model()
+    app, key, budgets = _world("late")
+    opened, _ = _open(key, budgets[:1], price, request_id="late")
+    expire_stale_reservations(now=timezone.now() + timezone.timedelta(seconds=600))
+    assert ProviderCall.objects.get(pk=opened.call_id).status == "interrupted"
+    finished = services.finish_call(call=opened, result=_result())
+    assert finished.recorded is False  # the record stays as the reaper closed it
+    period = BudgetPeriod.objects.get(budget=budgets[0])
+    assert period.reserved_usd == 0 and period.spent_usd > 0
+    assert set(Reservation.objects.filter(call_id=opened.call_id).values_list("status", flat=True)) == {"settled"}
