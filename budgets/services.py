@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -159,14 +159,23 @@ def reserve(
 
 def utilisation_of(period: BudgetPeriod) -> float:
     """Percent of the limit spent or held (the larger of USD and tokens)."""
-    budget = period.budget
+    return percent_used(
+        period.budget,
+        spent_usd=period.spent_usd,
+        reserved_usd=period.reserved_usd,
+        spent_tokens=period.spent_tokens,
+        reserved_tokens=period.reserved_tokens,
+    )
+
+
+def percent_used(budget: Budget, *, spent_usd: Decimal, reserved_usd: Decimal, spent_tokens: int, reserved_tokens: int) -> float:
     pct = 0.0
     if budget.limit_usd:
-        pct = max(pct, float((period.spent_usd + period.reserved_usd) / budget.limit_usd * 100))
+        pct = max(pct, float((spent_usd + reserved_usd) / budget.limit_usd * 100))
     elif budget.limit_usd is not None:  # a zero limit is fully used
         pct = 100.0
     if budget.limit_tokens:
-        pct = max(pct, (period.spent_tokens + period.reserved_tokens) / budget.limit_tokens * 100)
+        pct = max(pct, (spent_tokens + reserved_tokens) / budget.limit_tokens * 100)
     elif budget.limit_tokens is not None:
         pct = 100.0
     return pct
@@ -301,6 +310,10 @@ def current_utilisation(*, budgets: list[Budget], end_user: str, at: datetime | 
     """Budget id → percent used (spent + held) in the current period; one query, no locks."""
     at = at or timezone.now()
     keys = _keys(budgets, end_user, at)
+    if not keys:
+        return {}
+    if connection.vendor == "postgresql":
+        return _current_utilisation_sql(keys)
     existing = _existing_rows(keys)
     out = {}
     for budget, subject, start, _ in keys:
@@ -310,4 +323,32 @@ def current_utilisation(*, budgets: list[Budget], end_user: str, at: datetime | 
         else:
             row.budget = budget
             out[budget.pk] = utilisation_of(row)
+    return out
+
+
+_UTILISATION_SQL = """
+SELECT bp.budget_id, bp.spent_usd, bp.reserved_usd, bp.spent_tokens, bp.reserved_tokens
+  FROM budgets_budgetperiod bp
+  JOIN unnest(%s::bigint[], %s::text[], %s::timestamptz[]) AS k(budget_id, subject, period_start)
+    ON bp.budget_id = k.budget_id AND bp.subject = k.subject AND bp.period_start = k.period_start
+"""
+
+
+def _current_utilisation_sql(keys) -> dict[int, float]:
+    """The same read as a prepared statement: it runs before every request
+    when a degradation ladder is set, and the ORM's compile cost dominated it."""
+    from governance.db import fetch_prepared
+
+    rows = fetch_prepared(
+        _UTILISATION_SQL,
+        ([b.pk for b, *_ in keys], [subject for _, subject, _, _ in keys], [start for _, _, start, _ in keys]),
+    )
+    found = {r[0]: r for r in rows}
+    out = {}
+    for budget, *_ in keys:
+        row = found.get(budget.pk)
+        if row is None:
+            out[budget.pk] = 0.0 if (budget.limit_usd or budget.limit_tokens) else 100.0
+        else:
+            out[budget.pk] = percent_used(budget, spent_usd=row[1], reserved_usd=row[2], spent_tokens=row[3], reserved_tokens=row[4])
     return out

@@ -17,11 +17,11 @@ from datetime import timedelta
 from decimal import Decimal
 
 import orjson
-from django.db import connection
 from django.utils import timezone
 
 from budgets.models import Budget, BudgetPeriod
-from budgets.services import BudgetExceeded, Hold, _keys, _raise_warnings, utilisation_of
+from budgets.services import BudgetExceeded, Hold, _keys, _raise_warnings, percent_used
+from governance.db import fetch_prepared
 from conversations.services import (
     CallResult,
     FinishedCall,
@@ -34,13 +34,23 @@ from conversations.services import (
 )
 
 
+_SQL = {name: f"SELECT {name}(%s::jsonb)" for name in ("gateway_open_call", "gateway_finish_call")}
+
+
 def _call(function: str, payload: dict) -> dict:
-    data = orjson.dumps(payload, default=str).decode()
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT {function}(%s::jsonb)", [data])
-        out = cursor.fetchone()[0]
+    out = fetch_prepared(_SQL[function], (orjson.dumps(payload, default=str).decode(),))[0][0]
     # Django's psycopg setup hands jsonb back as text (its JSONField decodes).
     return orjson.loads(out) if isinstance(out, str | bytes) else out
+
+
+def _percent(row: dict, budget: Budget) -> float:
+    return percent_used(
+        budget,
+        spent_usd=Decimal(row["spent_usd"]),
+        reserved_usd=Decimal(row["reserved_usd"]),
+        spent_tokens=row["spent_tokens"],
+        reserved_tokens=row["reserved_tokens"],
+    )
 
 
 def _period(row: dict, budget: Budget) -> BudgetPeriod:
@@ -126,15 +136,15 @@ def open_call_with_holds(
         )
     holds = []
     for row in out["periods"] or ():
-        period = _period(row, by_id[row["budget_id"]])
+        budget = by_id[row["budget_id"]]
         holds.append(
             Hold(
-                budget_id=period.budget_id,
-                budget_name=period.budget.name,
-                period_id=period.pk,
+                budget_id=budget.pk,
+                budget_name=budget.name,
+                period_id=row["id"],
                 amount_usd=hold_usd,
                 tokens=hold_tokens,
-                utilisation_after=utilisation_of(period),
+                utilisation_after=_percent(row, budget),
             )
         )
     opened = OpenedCall(
@@ -198,13 +208,14 @@ def _warn(call: OpenedCall, rows: list[dict]) -> None:
     missing = {r["budget_id"] for r in rows} - set(known)
     if missing:
         known.update(Budget.objects.in_bulk(missing))
-    periods = [_period(r, known[r["budget_id"]]) for r in rows]
-    crossing = [
-        p for p in periods
-        if any(utilisation_of(p) >= t and t > p.warned_at_percent for t in (p.budget.warn_at or []))
-    ]
+    crossing = []
+    for row in rows:
+        budget = known[row["budget_id"]]
+        pct = _percent(row, budget)
+        if any(pct >= t > row["warned_at_percent"] for t in (budget.warn_at or [])):
+            crossing.append(row)
     if crossing:
-        for p in crossing:  # period_start/subject for the event's details
-            fresh = BudgetPeriod.objects.only("period_start", "subject").get(pk=p.pk)
-            p.period_start, p.subject = fresh.period_start, fresh.subject
-        _raise_warnings(crossing)
+        periods = {p.pk: p for p in BudgetPeriod.objects.filter(pk__in=[r["id"] for r in crossing])}
+        for row in crossing:
+            periods[row["id"]].budget = known[row["budget_id"]]
+        _raise_warnings(list(periods.values()))

@@ -6,6 +6,7 @@ complete, consistent step: an `in_progress` call with its request messages, or
 a final call with its answer and the conversation totals updated.
 """
 
+import functools
 import hashlib
 import uuid
 from dataclasses import dataclass, field
@@ -183,9 +184,15 @@ def sql_recording() -> bool:
     """Whether the gateway's writes go through the Postgres functions
     (migration conversations 0004) instead of the ORM."""
     from django.conf import settings
+
+    return settings.GATEWAY["SQL_RECORDING"] and _vendor() == "postgresql"
+
+
+@functools.cache
+def _vendor() -> str:
     from django.db import connection
 
-    return connection.vendor == "postgresql" and settings.GATEWAY["SQL_RECORDING"]
+    return connection.vendor
 
 
 def open_call_with_holds(
