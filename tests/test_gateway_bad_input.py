@@ -176,3 +176,47 @@ def test_revocation_and_price_changes_apply_on_the_next_request_despite_caching(
     model.save()
     resp = post(gateway, secret2, {"model": "gpt-4o-mini", "messages": OK_MESSAGES}, headers={"X-Request-ID": "after-disable"})
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found"
+
+
+def test_unknown_v1_path_is_an_openai_shaped_404(gateway, app_key):
+    resp = httpx.post(f"{gateway}/v1/completions", content=b"{}", headers={"X-Request-ID": "req-nowhere"})
+    assert resp.status_code == 404
+    assert resp.headers["X-Request-ID"] == "req-nowhere"
+    error = resp.json()["error"]
+    assert error["code"] == "not_found" and "/v1/completions" in error["message"]
+    assert not ProviderCall.objects.filter(request_id="req-nowhere").exists()
+
+
+def test_body_split_across_many_chunks_is_read_whole(gateway, app_key):
+    """Clients that stream their request body (chunked encoding) are read in full."""
+    body = orjson.dumps({"messages": OK_MESSAGES, "max_tokens": 8})
+
+    def chunks():
+        for i in range(0, len(body), 7):
+            yield body[i : i + 7]
+
+    resp = httpx.post(
+        f"{gateway}/v1/chat/completions", content=chunks(),
+        headers={"Authorization": f"Bearer {app_key[2]}", "X-Request-ID": "req-chunked"}, timeout=30,
+    )
+    assert resp.status_code == 200, resp.text
+    assert ProviderCall.objects.get(request_id="req-chunked").status == "succeeded"
+
+
+def test_chunked_body_over_the_limit_is_413(gateway, app_key, settings):
+    limit = settings.GATEWAY["MAX_BODY_BYTES"]
+
+    def chunks():
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(limit // 65536 + 2):
+            yield b"a" * 65536
+        yield b'"}]}'
+
+    resp = httpx.post(
+        f"{gateway}/v1/chat/completions", content=chunks(),
+        headers={"Authorization": f"Bearer {app_key[2]}", "X-Request-ID": "req-chunked-big"}, timeout=30,
+    )
+    assert resp.status_code == 413
+    assert resp.json()["error"]["code"] == "request_too_large"
+    call = ProviderCall.objects.get(request_id="req-chunked-big")
+    assert call.status == "refused" and not call.messages.exists()
