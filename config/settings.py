@@ -181,6 +181,9 @@ GATEWAY = {
     # On Postgres, open and finish each call with one SQL function call
     # (conversations migration 0004) instead of the ORM's statements.
     "SQL_RECORDING": env.bool("GATEWAY_SQL_RECORDING", default=True),
+    # Prepare the gateway's few per-request statements (off behind a
+    # transaction-pooling proxy that cannot keep prepared statements).
+    "PREPARED_STATEMENTS": env.bool("GATEWAY_PREPARED_STATEMENTS", default=True),
     "KEY_LAST_USED_RESOLUTION_S": 60,
     # Applied when a budget applies and the request sets no max_tokens, so the worst case is bounded.
     "DEFAULT_MAX_OUTPUT_TOKENS": env.int("GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS", default=4096),
