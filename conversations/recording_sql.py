@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from budgets.models import Budget, BudgetPeriod
 from budgets.services import BudgetExceeded, Hold, _keys, _raise_warnings, percent_used
+from conversations.group_commit import GroupCommit
 from governance.db import fetch_prepared
 from conversations.services import (
     CallResult,
@@ -34,13 +35,24 @@ from conversations.services import (
 )
 
 
-_SQL = {name: f"SELECT {name}(%s::jsonb)" for name in ("gateway_open_call", "gateway_finish_call")}
-
-
-def _call(function: str, payload: dict) -> dict:
-    out = fetch_prepared(_SQL[function], (orjson.dumps(payload, default=str).decode(),))[0][0]
+def _fetch(sql: str, payload) -> object:
+    out = fetch_prepared(sql, (orjson.dumps(payload, default=str).decode(),))[0][0]
     # Django's psycopg setup hands jsonb back as text (its JSONField decodes).
     return orjson.loads(out) if isinstance(out, str | bytes) else out
+
+
+def _writer(name: str) -> GroupCommit:
+    single, batch = f"SELECT {name}(%s::jsonb)", f"SELECT {name}s(%s::jsonb)"
+    return GroupCommit(
+        name=name.removeprefix("gateway_").removesuffix("_call"),
+        single=lambda payload: _fetch(single, payload),
+        batch=lambda payloads: _fetch(batch, payloads),
+    )
+
+
+# One writer per phase and process: concurrent requests' writes share transactions.
+OPENS = _writer("gateway_open_call")
+FINISHES = _writer("gateway_finish_call")
 
 
 def _percent(row: dict, budget: Budget) -> float:
@@ -67,7 +79,7 @@ def _period(row: dict, budget: Budget) -> BudgetPeriod:
     return period
 
 
-def open_call_with_holds(
+def open_payload(
     *,
     budgets: list[Budget],
     hold_usd: Decimal,
@@ -88,7 +100,8 @@ def open_call_with_holds(
     token_count_is_estimate: bool,
     provider_base_url: str,
     decisions: list | None = None,
-) -> tuple[OpenedCall, list[Hold]]:
+) -> tuple[dict, str]:
+    """What gateway_open_call takes, and the conversation id it will use."""
     now = timezone.now()
     external_id = conversation_external_id or new_conversation_id()
     payload = {
@@ -122,7 +135,14 @@ def open_call_with_holds(
             hold_tokens=hold_tokens,
             expires_at=now + timedelta(seconds=ttl_s),
         )
-    out = _call("gateway_open_call", payload)
+    return payload, external_id
+
+
+def open_call_with_holds(**fields) -> tuple[OpenedCall, list[Hold]]:
+    """Takes open_payload's arguments."""
+    payload, external_id = open_payload(**fields)
+    budgets, api_key, hold_usd, hold_tokens = fields["budgets"], fields["api_key"], fields["hold_usd"], fields["hold_tokens"]
+    out = OPENS.submit(payload, order=(api_key.application_id, external_id))
     by_id = {b.pk: b for b in budgets}
     if "exceeded" in out:
         row = out["exceeded"]
@@ -151,8 +171,9 @@ def open_call_with_holds(
         call_id=out["call_id"],
         conversation_id=out["conversation_id"],
         conversation_external_id=external_id,
-        price=price,
-        decisions=list(decisions or []),
+        application_id=api_key.application_id,
+        price=fields["price"],
+        decisions=list(fields.get("decisions") or []),
         has_holds=bool(holds),
         budgets=list(budgets) if holds else [],
     )
@@ -193,7 +214,7 @@ def finish_call(*, call: OpenedCall, result: CallResult) -> FinishedCall:
         if answer["parts"] is None:
             del answer["parts"]
         payload["answer"] = answer
-    out = _call("gateway_finish_call", payload)
+    out = FINISHES.submit(payload, order=(call.application_id or 0, call.conversation_external_id or ""))
     if out["settled"] and out["periods"]:
         _warn(call, out["periods"])
     if not out["recorded"]:

@@ -117,6 +117,7 @@ class OpenedCall:
     call_id: int
     conversation_id: int
     conversation_external_id: str
+    application_id: int | None = None  # with the conversation id, the order batched writes take locks in
     price: ModelPrice | None = None
     decisions: list = field(default_factory=list)
     has_holds: bool = False
@@ -175,6 +176,7 @@ def open_call(
         call_id=call.pk,
         conversation_id=conv.pk,
         conversation_external_id=conv.external_id,
+        application_id=api_key.application_id,
         price=price,
         decisions=list(decisions or []),
     )

@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import httpx
 import pytest
+from django.db import connection
 
 from budgets.models import BudgetPeriod, Reservation
 from budgets.policy import worst_case
@@ -37,6 +38,12 @@ async def _fire(gateway, secret, n):
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
+def _batched_opens() -> float:
+    from conversations.gateway.metrics import DB_WRITES
+
+    return DB_WRITES.labels("open", "batched")._value.get()
+
+
 def test_two_hundred_concurrent_requests_never_pass_the_cap(gateway, app_key):
     app, _, secret = app_key
     priced = priced_model(name=MODEL)
@@ -44,6 +51,7 @@ def test_two_hundred_concurrent_requests_never_pass_the_cap(gateway, app_key):
     assert not tokens.is_estimate
     per_call, _ = worst_case(price=priced.price, input_tokens=tokens.tokens, is_estimate=False, max_tokens=MAX_TOKENS)
     budget = make_budget(application=app, limit_usd=(per_call * 50 + per_call / 2).quantize(Decimal("0.000001")), name="tight")
+    batched_before = _batched_opens()
 
     responses = asyncio.run(_fire(gateway, secret, 200))
 
@@ -69,3 +77,6 @@ def test_two_hundred_concurrent_requests_never_pass_the_cap(gateway, app_key):
         assert call.decisions[0]["kind"] == "budget_reserved"
     assert period.spent_usd == sum(c.cost_usd for c in succeeded)
     assert calls.filter(status="refused", error_code="budget_exceeded").count() == 150
+    if connection.vendor == "postgresql":
+        # the cap held although requests shared transactions (group commit)
+        assert _batched_opens() > batched_before

@@ -13,3 +13,10 @@ LATENCY = Histogram(
     "Time to the response head (whole body for non-streaming)",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+DB_WRITES = Counter(
+    "gateway_db_writes_total",
+    "Calls opened or finished on Postgres, by how they were committed: alone, in a shared transaction "
+    "(group commit), or alone again after their batch was rejected",
+    ["phase", "mode"],
+)
+DB_BATCHES = Counter("gateway_db_batches_total", "Shared transactions written by group commit", ["phase"])

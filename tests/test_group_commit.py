@@ -1,0 +1,210 @@
+"""Group commit: requests that reach the database while another is being
+written share the next transaction, each gets its own result, and a bad one
+does not take the others down with it."""
+
+import threading
+import time
+from decimal import Decimal
+from types import SimpleNamespace
+
+import psycopg
+import pytest
+from django.db import DatabaseError, connection, transaction
+
+from conversations import recording_sql
+from conversations.group_commit import GroupCommit, _Item
+from conversations.models import Conversation, Message, ProviderCall
+from governance.services import create_api_key
+from tests.factories import make_application, make_model
+
+
+def _server_error(sqlstate: str | None) -> DatabaseError:
+    """Django's error as it wraps psycopg's: with the server's SQLSTATE, or
+    none when the connection itself failed."""
+    err = DatabaseError("rejected")
+    err.__cause__ = psycopg.errors.ForeignKeyViolation("fk") if sqlstate else psycopg.OperationalError("connection lost")
+    assert err.__cause__.sqlstate == sqlstate
+    return err
+
+
+class Recorder:
+    """Stands in for the two SQL functions: records what each write got."""
+
+    def __init__(self, *, hold_first: bool = True, batch_error: DatabaseError | None = None, bad: set[int] = frozenset()):
+        self.started, self.release = threading.Event(), threading.Event()
+        self.hold_first = hold_first
+        self.batch_error = batch_error
+        self.bad = bad
+        self.singles, self.batches = [], []
+
+    def single(self, payload):
+        self.singles.append(payload["n"])
+        if self.hold_first and len(self.singles) == 1:
+            self.started.set()
+            assert self.release.wait(5)
+        if payload["n"] in self.bad:
+            raise _server_error("23503")
+        return {"echo": payload["n"], "how": "alone"}
+
+    def batch(self, payloads):
+        self.batches.append([p["n"] for p in payloads])
+        if self.batch_error is not None:
+            raise self.batch_error
+        return [{"echo": p["n"], "how": "batched"} for p in payloads]
+
+
+def _run_burst(writer: GroupCommit, recorder: Recorder, n: int = 5) -> dict:
+    """One write in flight, then `n` more arrive while it is written."""
+    results = {}
+
+    def go(i, order):
+        try:
+            results[i] = writer.submit({"n": i}, order=(order,))
+        except DatabaseError as exc:
+            results[i] = exc
+
+    first = threading.Thread(target=go, args=(0, 0))
+    first.start()
+    assert recorder.started.wait(5)
+    others = [threading.Thread(target=go, args=(i, 100 - i)) for i in range(1, n + 1)]
+    for t in others:
+        t.start()
+    deadline = time.monotonic() + 5
+    while len(writer._queue) < n and time.monotonic() < deadline:
+        time.sleep(0.001)
+    recorder.release.set()
+    for t in [first, *others]:
+        t.join(5)
+        assert not t.is_alive()
+    return results
+
+
+def test_writes_arriving_meanwhile_share_one_transaction_in_lock_order():
+    rec = Recorder()
+    writer = GroupCommit(name="test", single=rec.single, batch=rec.batch)
+    results = _run_burst(writer, rec)
+    assert rec.batches == [[5, 4, 3, 2, 1]]  # one shared write, ordered by the items' lock order
+    assert results[0] == {"echo": 0, "how": "alone"}  # the first was not held back for the others
+    assert all(results[i] == {"echo": i, "how": "batched"} for i in range(1, 6))
+    assert not writer._leading and not writer._queue
+
+
+def test_a_lone_write_goes_at_once():
+    rec = Recorder(hold_first=False)
+    writer = GroupCommit(name="test", single=rec.single, batch=rec.batch)
+    assert writer.submit({"n": 7}) == {"echo": 7, "how": "alone"}
+    assert rec.batches == []
+
+
+def test_a_rejected_batch_is_written_again_one_by_one_and_only_the_bad_one_fails():
+    rec = Recorder(batch_error=_server_error("23503"), bad={3})
+    writer = GroupCommit(name="test", single=rec.single, batch=rec.batch)
+    results = _run_burst(writer, rec)
+    assert len(rec.batches) == 1
+    assert sorted(rec.singles) == [0, 1, 2, 3, 4, 5]
+    assert isinstance(results[3], DatabaseError)
+    assert all(results[i] == {"echo": i, "how": "alone"} for i in (0, 1, 2, 4, 5))
+
+
+def test_a_batch_lost_without_a_server_verdict_is_not_written_twice():
+    """The connection dropped: the batch may have committed, so nobody writes
+    it again; every request in it sees the error (and answers 503)."""
+    lost = _server_error(None)
+    rec = Recorder(batch_error=lost)
+    writer = GroupCommit(name="test", single=rec.single, batch=rec.batch)
+    results = _run_burst(writer, rec)
+    assert rec.singles == [0]
+    assert all(results[i] is lost for i in range(1, 6))
+    assert results[0] == {"echo": 0, "how": "alone"}
+
+
+def test_an_unexpected_error_reaches_every_waiter_instead_of_hanging_them():
+    rec = Recorder(batch_error=None)
+    boom = RuntimeError("bug")
+
+    def batch(payloads):
+        raise boom
+
+    writer = GroupCommit(name="test", single=rec.single, batch=batch)
+    results = {}
+
+    def go(i):
+        try:
+            results[i] = writer.submit({"n": i}, order=(i,))
+        except RuntimeError as exc:
+            results[i] = exc
+
+    first = threading.Thread(target=go, args=(0,))
+    first.start()
+    assert rec.started.wait(5)
+    others = [threading.Thread(target=go, args=(i,)) for i in (1, 2)]
+    for t in others:
+        t.start()
+    while len(writer._queue) < 2:
+        time.sleep(0.001)
+    rec.release.set()
+    for t in [first, *others]:
+        t.join(5)
+        assert not t.is_alive()
+    assert results[1] is boom and results[2] is boom
+    assert not writer._leading
+
+
+@pytest.mark.django_db
+def test_inside_the_callers_transaction_nothing_is_shared():
+    rec = Recorder(hold_first=False)
+    writer = GroupCommit(name="test", single=rec.single, batch=rec.batch)
+    with transaction.atomic():
+        assert writer.submit({"n": 1}) == {"echo": 1, "how": "alone"}
+    assert rec.batches == []
+
+
+# --- the real functions on Postgres ------------------------------------------------
+
+needs_postgres = pytest.mark.skipif(connection.vendor != "postgresql", reason="the SQL functions exist on Postgres only")
+
+
+def _payload(key, price, n: int, price_id=None):
+    payload, external_id = recording_sql.open_payload(
+        budgets=[], hold_usd=Decimal(0), hold_tokens=0, ttl_s=60, request_id=f"gc-{n}", api_key=key,
+        conversation_external_id=f"gc-conv-{n % 2}", end_user="", step="", stream=False,
+        model_requested="gpt-4o-mini", model_used="gpt-4o-mini", parameters={}, price=SimpleNamespace(pk=price_id or price.pk),
+        messages=[{"role": "user", "content": f"question {n}"}], estimated_prompt_tokens=3, token_count_is_estimate=False,
+        provider_base_url="http://127.0.0.1:1/v1",
+    )
+    return _Item(payload, (key.application_id, external_id))
+
+
+@needs_postgres
+@pytest.mark.django_db(transaction=True)
+def test_postgres_batch_is_all_or_nothing_and_the_fallback_isolates_the_bad_request():
+    _, price = make_model()
+    key = create_api_key(application=make_application(slug="gc")).api_key
+    good = [_payload(key, price, n) for n in (1, 2, 4)]
+    bad = _payload(key, price, 3, price_id=987654321)  # no such price: the foreign key fails at commit
+
+    with pytest.raises(DatabaseError) as info:
+        recording_sql.OPENS._batch([it.payload for it in [*good, bad]])
+    assert info.value.__cause__.sqlstate == "23503"
+    assert not ProviderCall.objects.exists() and not Message.objects.exists() and not Conversation.objects.exists()
+
+    items = [*good, bad]
+    recording_sql.OPENS._write(items, leader=None)
+    assert isinstance(bad.error, DatabaseError) and bad.result is None
+    assert all(it.error is None and it.result["call_id"] for it in good)
+    assert sorted(ProviderCall.objects.values_list("request_id", flat=True)) == ["gc-1", "gc-2", "gc-4"]
+    assert Message.objects.count() == 3
+    assert Conversation.objects.count() == 2
+
+
+@needs_postgres
+@pytest.mark.django_db(transaction=True)
+def test_postgres_batch_writes_what_the_calls_one_by_one_would():
+    _, price = make_model()
+    key = create_api_key(application=make_application(slug="gc2")).api_key
+    items = [_payload(key, price, n) for n in range(6)]
+    results = recording_sql.OPENS._batch([it.payload for it in items])
+    calls = {c.pk: c for c in ProviderCall.objects.all()}
+    assert [calls[r["call_id"]].request_id for r in results] == [f"gc-{n}" for n in range(6)]
+    convs = {c.external_id: c.pk for c in Conversation.objects.all()}
+    assert [r["conversation_id"] for r in results] == [convs[f"gc-conv-{n % 2}"] for n in range(6)]
