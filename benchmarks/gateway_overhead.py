@@ -131,6 +131,17 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _proc_rss_bytes(pid: int) -> int:
+    """Resident memory of one process (0 if it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def _pids_named(comm: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -169,15 +180,38 @@ class CpuMeter:
     """CPU seconds spent by each component between start() and stop(), and by
     the rest of the machine (other tenants of a shared box show up there)."""
 
+    MEMORY_GROUPS = ("simulator", "gateway")
+    GROUP_OF_TARGET = {"direct": "simulator", "gateway": "gateway"}
+
     def __init__(self, groups: dict[str, Callable[[], list[int]]]):
         self.groups = groups  # name -> function returning the pids to count
         self.before: dict[str, dict[int, float]] = {}
         self.machine_before = (0.0, 0.0)
+        # Memory: resident size at rest, taken when a target's first measured
+        # phase starts (after its first warm-up: code paths, encodings and
+        # connection pools are loaded, no request in flight), and the peak
+        # during each phase.
+        self.idle_rss: dict[str, int] = {}
+        self.peak_rss: dict[str, int] = {}
+
+    def rss(self) -> dict[str, int]:
+        return {name: sum(_proc_rss_bytes(pid) for pid in self.groups[name]()) for name in self.MEMORY_GROUPS}
+
+    async def sample_memory(self, every_s: float = 0.05) -> None:
+        """Runs beside a measured phase; keeps the peak resident size."""
+        self.peak_rss = self.rss()
+        while True:
+            await asyncio.sleep(every_s)
+            for name, value in self.rss().items():
+                self.peak_rss[name] = max(self.peak_rss[name], value)
 
     def _snapshot(self) -> dict[str, dict[int, float]]:
         return {name: {pid: _proc_cpu_s(pid) for pid in pids()} for name, pids in self.groups.items()}
 
-    def start(self) -> None:
+    def start(self, target: str = "") -> None:
+        group = self.GROUP_OF_TARGET.get(target)
+        if group and group not in self.idle_rss:
+            self.idle_rss[group] = self.rss()[group]
         self.before = self._snapshot()
         self.machine_before = _machine_busy_s()
 
@@ -234,6 +268,19 @@ def migrate(env: dict) -> None:
     )
     if proc.returncode != 0:
         raise SystemExit(f"migrate failed:\n{proc.stdout}\n{proc.stderr}")
+
+
+def vacuum(url: str) -> None:
+    """What autovacuum does in production between bursts. Some machines (this
+    project's CI VM among them) run Postgres with autovacuum off; then every
+    run leaves dead rows behind (each request updates its call, conversation
+    and budget rows), and later scenarios would measure that bloat."""
+    if not url.startswith("postgres"):
+        return
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+        conn.execute("VACUUM (ANALYZE)")
 
 
 def django_setup(database_url: str) -> None:
@@ -616,8 +663,10 @@ class Load:
         one = self._one_raw if self.client_kind == "raw" else self._one_httpx
         outcomes: list[Outcome] = []
         tickets = iter(range(n_requests))
+        sampler = None
         if meter is not None:
-            meter.start()
+            meter.start(self.t.name)
+            sampler = asyncio.ensure_future(meter.sample_memory())
         start = time.perf_counter()
         deadline = start + duration
 
@@ -632,7 +681,13 @@ class Load:
 
         await asyncio.gather(*(worker(w) for w in range(self.c)))
         wall = time.perf_counter() - start
-        return outcomes, wall, (meter.stop() if meter is not None else None)
+        if sampler is None:
+            return outcomes, wall, None
+        sampler.cancel()
+        cpu = meter.stop()
+        group = meter.GROUP_OF_TARGET[self.t.name]
+        cpu["memory"] = {group: {"idle_bytes": meter.idle_rss[group], "peak_bytes": meter.peak_rss[group]}}
+        return outcomes, wall, cpu
 
     async def close(self) -> None:
         for conn in self.conns:
@@ -672,9 +727,9 @@ def summarise(outcomes: list[Outcome], wall: float) -> dict:
 def cpu_summary(cpu: dict, requests: int) -> dict:
     """CPU milliseconds per request for each component, and how busy the machine was."""
     per = {name: round(sec * 1000 / requests, 3) if requests else None
-           for name, sec in cpu.items() if name not in ("machine_busy", "machine_total")}
+           for name, sec in cpu.items() if name not in ("machine_busy", "machine_total", "memory")}
     busy = round(100 * cpu["machine_busy"] / cpu["machine_total"], 1) if cpu["machine_total"] else None
-    return {"ms_per_request": per, "machine_busy_pct": busy}
+    return {"ms_per_request": per, "machine_busy_pct": busy, "memory": cpu.get("memory", {})}
 
 
 async def run_scenarios(args, targets: dict[str, Target], run_id: str, meter: CpuMeter) -> tuple[list[dict], int]:
@@ -697,6 +752,8 @@ async def run_scenarios(args, targets: dict[str, Target], run_id: str, meter: Cp
                 )
                 try:
                     log(f"  {label} {name}: warm-up {warmup}, then {n} requests (cap {args.duration:g}s)")
+                    if name == "gateway" and args.vacuum:
+                        await asyncio.to_thread(vacuum, args.database_url)
                     if args.wait_quiet:
                         quiet = await wait_quiet(args.wait_quiet, args.wait_quiet_max)
                     await load.phase(warmup, args.duration)
@@ -812,6 +869,18 @@ def print_report(info: dict, results: list[dict], check: dict) -> None:
             print(f"{row['scenario']:<16}{name:<9}" + "".join(f"{fmt(per.get(n)):>10}" for n in names)
                   + f"{fmt(cpu['machine_busy_pct']):>8}")
     print()
+    print("Memory (resident, all processes of the target): at rest (warmed up, nothing in flight), peak during")
+    print("the phase, and the growth over rest divided by the requests in flight (the concurrency):")
+    print(f"{'scenario':<16}{'target':<9}{'rest MB':>10}{'peak MB':>10}{'KB per in-flight':>18}")
+    for row in results:
+        for name, group in (("direct", "simulator"), ("gateway", "gateway")):
+            mem = row.get(name, {}).get("cpu", {}).get("memory", {}).get(group)
+            if not mem:
+                continue
+            grow = max(0, mem["peak_bytes"] - mem["idle_bytes"]) / row["concurrency"] / 1024
+            row[name]["kb_per_in_flight"] = round(grow, 1)
+            print(f"{row['scenario']:<16}{name:<9}{mem['idle_bytes'] / 2**20:>10.1f}{mem['peak_bytes'] / 2**20:>10.1f}{grow:>18.1f}")
+    print()
     verdict = "OK" if check["consistent"] else "MISMATCH"
     print(
         f"record check: gateway answered {check['answered_200']} requests with a complete 200 "
@@ -833,6 +902,8 @@ def parse_args(argv=None):
     p.add_argument("--requests", type=int, default=None,
                    help="measured requests per scenario and target (default 300 at c=1, 2000 otherwise)")
     p.add_argument("--duration", type=float, default=30.0, help="cap in seconds per scenario and target (default 30)")
+    p.add_argument("--no-vacuum", dest="vacuum", action="store_false",
+                   help="do not VACUUM the database before each gateway scenario (default: vacuum, as autovacuum would)")
     p.add_argument("--warmup", type=int, default=50, help="warm-up requests before each measurement (at least 2*C)")
     p.add_argument("--stream", action="store_true", help="also run streaming scenarios")
     p.add_argument("--client", choices=("raw", "httpx", "httpx2"), default="raw",
