@@ -52,10 +52,10 @@ def allow(key: str, *, now: float | None = None) -> bool:
 def record(key: str, ok: bool, *, now: float | None = None) -> None:
     now = now or time.time()
     bucket = _buckets(now)[0]
-    shared.incr(f"cb:{key}:{bucket}:n", 1, ttl=BUCKET_S * (WINDOW_BUCKETS + 1))
+    ttl = BUCKET_S * (WINDOW_BUCKETS + 1)
     if not ok:
-        shared.incr(f"cb:{key}:{bucket}:f", 1, ttl=BUCKET_S * (WINDOW_BUCKETS + 1))
-    open_until = shared.get(f"cb:{key}:open")
+        shared.incr(f"cb:{key}:{bucket}:f", 1, ttl=ttl)
+    _, open_until = shared.incr_then_get(f"cb:{key}:{bucket}:n", 1, ttl, f"cb:{key}:open")
     half_open = open_until is not None and now >= open_until
     if ok:
         if half_open:

@@ -11,7 +11,10 @@ import time
 
 import structlog
 from django.core.cache import caches
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 from django.core.cache.backends.locmem import LocMemCache
+from django.core.cache.backends.redis import RedisCache
 
 log = structlog.get_logger("gateway.shared")
 
@@ -43,10 +46,26 @@ def status() -> str | None:
     return f"shared cache unreachable since {time.strftime('%H:%M:%S', time.gmtime(_down_since))} UTC; per-process fallback"
 
 
+_shared_cache = None
+
+
 def _backend():
+    """One cache client per process. Django's caches["default"] is per thread
+    and per asyncio task, so on the gateway (a task per request) it opened a
+    new Redis connection for every request: most of the gateway's CPU."""
+    global _shared_cache
     if time.monotonic() < _down_until:
         return _local
-    return caches["default"]
+    if _shared_cache is None:
+        _shared_cache = caches.create_connection("default")
+    return _shared_cache
+
+
+@receiver(setting_changed)
+def _cache_settings_changed(*, setting: str, **kwargs) -> None:
+    global _shared_cache
+    if setting == "CACHES":
+        _shared_cache = None
 
 
 def _failed(exc: BaseException) -> None:
@@ -78,6 +97,35 @@ def _call(op: str, *args, **kwargs):
         return getattr(_local, op)(*args, **kwargs)
     _ok(backend)
     return result
+
+
+def _pipeline(backend):
+    """A Redis pipeline for a single-server Redis cache (several commands, one
+    round trip), else None. Uses Django's key scheme and value encoding, so
+    what it writes reads back through the cache API and the other way round."""
+    if not isinstance(backend, RedisCache) or len(backend._cache._servers) != 1:
+        return None
+    return backend._cache.get_client(write=True).pipeline(transaction=False)
+
+
+def incr_then_get(counter: str, delta: int, ttl: int, read: str) -> tuple[int, object]:
+    """Add to a counter living `ttl` seconds from its first use, and read
+    another key: one round trip on Redis (this runs for every provider call)."""
+    backend = _backend()
+    pipe = _pipeline(backend)
+    if pipe is not None:
+        try:
+            key = backend.make_and_validate_key(counter)
+            pipe.incrby(key, delta)
+            pipe.expire(key, int(ttl), nx=True)
+            pipe.get(backend.make_and_validate_key(read))
+            count, _, raw = pipe.execute()
+        except _ERRORS as exc:
+            _failed(exc)
+        else:
+            _ok(backend)
+            return int(count), (None if raw is None else backend._cache._serializer.loads(raw))
+    return incr(counter, delta, ttl), get(read)
 
 
 def incr(key: str, delta: int, ttl: int) -> int:

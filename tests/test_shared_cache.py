@@ -1,0 +1,63 @@
+"""The counters the workers share (breakers, rate limits): what one round trip
+writes must read back through the ordinary cache API, and the gateway must not
+open a Redis connection per request."""
+
+import httpx
+import pytest
+from django.conf import settings
+from django.core.cache import caches
+
+from conversations.gateway import breaker, shared
+
+needs_redis = pytest.mark.skipif("redis" not in settings.CACHES["default"]["BACKEND"].lower(), reason="needs REDIS_URL")
+
+
+def test_incr_then_get_counts_and_reads_in_one_go():
+    caches["default"].clear()
+    shared.set("probe:open", 1234.5, None)
+    assert shared.incr_then_get("probe:n", 1, 40, "probe:open") == (1, 1234.5)
+    assert shared.incr_then_get("probe:n", 2, 40, "probe:missing") == (3, None)
+    # the breaker reads the counters back with get_many
+    assert shared.get_many(["probe:n"]) == {"probe:n": 3}
+
+
+@needs_redis
+def test_counters_expire_from_their_first_use():
+    caches["default"].clear()
+    shared.incr_then_get("probe:ttl", 1, 40, "probe:other")
+    client = caches["default"]._cache.get_client()
+    key = caches["default"].make_and_validate_key("probe:ttl")
+    first = client.ttl(key)
+    assert 0 < first <= 40
+    shared.incr_then_get("probe:ttl", 1, 99, "probe:other")  # a later use does not extend it
+    assert client.ttl(key) <= first
+
+
+def test_breaker_still_opens_on_failures_and_closes_on_a_probe():
+    caches["default"].clear()
+    key = breaker.key_for("http://127.0.0.1:9/v1", "probe-model")
+    now = 1_000_000.0
+    for _ in range(settings.GATEWAY["BREAKER"]["MIN_CALLS"]):
+        breaker.record(key, False, now=now)
+    assert not breaker.allow(key, now=now + 1)
+    later = now + settings.GATEWAY["BREAKER"]["OPEN_S"] + 1
+    assert breaker.allow(key, now=later)  # half-open: this caller probes
+    breaker.record(key, True, now=later)
+    assert breaker.allow(key, now=later + 1)
+    assert shared.get(f"cb:{key}:open") is None
+
+
+@needs_redis
+def test_gateway_reuses_its_redis_connections(gateway, app_key):
+    client = caches["default"]._cache.get_client()
+    before = client.info("stats")["total_connections_received"]
+    for i in range(30):
+        resp = httpx.post(
+            f"{gateway}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8},
+            headers={"Authorization": f"Bearer {app_key[2]}", "X-Request-ID": f"req-redis-{i}"},
+            timeout=30,
+        )
+        assert resp.status_code == 200
+    opened = client.info("stats")["total_connections_received"] - before
+    assert opened < 10, f"{opened} new Redis connections for 30 requests"
