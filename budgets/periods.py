@@ -14,10 +14,25 @@ def _local_midnight(day: date, tz: ZoneInfo) -> datetime:
     return datetime.combine(day, time.min, tzinfo=tz).astimezone(dt_timezone.utc)
 
 
+_last: dict[tuple[str, str], tuple[datetime, datetime]] = {}
+
+
 def period_bounds(*, period: str, tz_name: str, at: datetime) -> tuple[datetime, datetime | None]:
     """[start, end) in UTC of the period containing `at`."""
     if period == "none":
         return LIFETIME_START, None
+    # Every request asks for the bounds of each budget that applies; they
+    # change only at a period's end, so the last answer is reused while `at`
+    # is inside it (time-zone arithmetic was a visible share of admission).
+    last = _last.get((period, tz_name))
+    if last is not None and last[0] <= at < last[1]:
+        return last
+    bounds = _compute(period=period, tz_name=tz_name, at=at)
+    _last[period, tz_name] = bounds
+    return bounds
+
+
+def _compute(*, period: str, tz_name: str, at: datetime) -> tuple[datetime, datetime]:
     tz = ZoneInfo(tz_name)
     local = at.astimezone(tz).date()
     if period == "day":

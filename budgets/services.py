@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+import orjson
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
@@ -329,7 +330,7 @@ def current_utilisation(*, budgets: list[Budget], end_user: str, at: datetime | 
 _UTILISATION_SQL = """
 SELECT bp.budget_id, bp.spent_usd, bp.reserved_usd, bp.spent_tokens, bp.reserved_tokens
   FROM budgets_budgetperiod bp
-  JOIN unnest(%s::bigint[], %s::text[], %s::timestamptz[]) AS k(budget_id, subject, period_start)
+  JOIN jsonb_to_recordset(%s::jsonb) AS k(budget_id bigint, subject text, period_start timestamptz)
     ON bp.budget_id = k.budget_id AND bp.subject = k.subject AND bp.period_start = k.period_start
 """
 
@@ -339,10 +340,8 @@ def _current_utilisation_sql(keys) -> dict[int, float]:
     when a degradation ladder is set, and the ORM's compile cost dominated it."""
     from governance.db import fetch_prepared
 
-    rows = fetch_prepared(
-        _UTILISATION_SQL,
-        ([b.pk for b, *_ in keys], [subject for _, subject, _, _ in keys], [start for _, _, start, _ in keys]),
-    )
+    wanted = [{"budget_id": b.pk, "subject": subject, "period_start": start} for b, subject, start, _ in keys]
+    rows = fetch_prepared(_UTILISATION_SQL, (orjson.dumps(wanted).decode(),))
     found = {r[0]: r for r in rows}
     out = {}
     for budget, *_ in keys:

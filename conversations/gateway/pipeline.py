@@ -371,10 +371,6 @@ def _sse_error(err: GatewayError) -> bytes:
     return b"data: " + orjson.dumps(err.body()) + b"\n\n"
 
 
-def _sse_error(err: GatewayError) -> bytes:
-    return b"data: " + orjson.dumps(err.body()) + b"\n\n"
-
-
 async def _stream(admitted: Admitted, chat: ChatRequest, request_id: str, started: float) -> HttpResponse:
     attempts = Attempts(started=started)
     try:
@@ -393,12 +389,13 @@ async def _stream(admitted: Admitted, chat: ChatRequest, request_id: str, starte
         err = None
         cancelled = False
         try:
-            async for raw_line in upstream.content:
-                line = raw_line.decode("utf-8", "replace").rstrip("\r\n")
-                if not line.startswith("data:"):
+            async for line in upstream.content:
+                # Bytes all the way: each event is parsed once (for the record)
+                # and relayed as it came, without a decode/encode round trip.
+                if not line.startswith(b"data:"):
                     continue
                 data = line[5:].strip()
-                if data == "[DONE]":
+                if data == b"[DONE]":
                     done = True
                     break
                 try:
@@ -413,7 +410,7 @@ async def _stream(admitted: Admitted, chat: ChatRequest, request_id: str, starte
                 state.feed(chunk)
                 if not chat.include_usage and not chunk.get("choices") and chunk.get("usage"):
                     continue  # the client did not ask for the usage chunk
-                yield b"data: " + data.encode() + b"\n\n"
+                yield b"data: " + data + b"\n\n"
             if not done and err is None:
                 err = provider.upstream_error(502, "The provider's stream ended before it was complete.", "upstream_stream_interrupted")
         except provider.TRANSPORT_ERRORS as exc:
