@@ -31,11 +31,12 @@ def sim(simulator):
 
     from django.core.cache import caches
 
-    from conversations.gateway import shared
+    from conversations.gateway import breaker, shared
 
     httpx.post(f"{simulator.control_url}/reset", timeout=5).raise_for_status()
     caches["default"].clear()  # breakers, rate-limit windows and cached answers start fresh
     shared._local.clear()
+    breaker.forget()
     old = settings.OPENAI_BASE_URL
     settings.OPENAI_BASE_URL = simulator.base_url
     yield simulator

@@ -61,3 +61,57 @@ def test_gateway_reuses_its_redis_connections(gateway, app_key):
         assert resp.status_code == 200
     opened = client.info("stats")["total_connections_received"] - before
     assert opened < 10, f"{opened} new Redis connections for 30 requests"
+
+
+def test_a_breaker_opened_by_another_worker_is_seen_without_extra_reads(monkeypatch):
+    """allow() reuses the open marker this process read with its last recorded
+    call; another worker's verdict arrives with the next call, or after
+    SEEN_FRESH_S when this worker records none."""
+    caches["default"].clear()
+    breaker.forget()
+    key = breaker.key_for("http://127.0.0.1:9/v1", "other-worker")
+    breaker.record(key, True)
+    assert breaker.allow(key)
+    shared.set(f"cb:{key}:open", 2e12, None)  # another worker opened it
+    breaker.record(key, True)  # this worker's next call brings the marker back
+    assert not breaker.allow(key)
+
+    monkeypatch.setattr(breaker, "SEEN_FRESH_S", 0.05)
+    healed = breaker.key_for("http://127.0.0.1:9/v1", "healed-elsewhere")
+    assert breaker.allow(healed)
+    shared.set(f"cb:{healed}:open", 2e12, None)
+    import time
+
+    time.sleep(0.06)
+    assert not breaker.allow(healed)  # no recorded call in between: re-read once stale
+
+
+@needs_redis
+def test_a_configuration_change_elsewhere_is_pushed_to_the_gateway(gateway, app_key):
+    """Another process (say an admin's) revokes a key: the gateway hears of it
+    on the Redis channel and refuses the key's next request, without reading
+    the generation on every request."""
+    import time
+
+    from django.utils import timezone
+
+    from conversations.gateway import config_cache
+    from governance.models import ApiKey
+
+    app, key, secret = app_key
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
+    headers = {"Authorization": f"Bearer {secret}"}
+    assert httpx.post(f"{gateway}/v1/chat/completions", json=body, headers=headers, timeout=30).status_code == 200
+    deadline = time.monotonic() + 5
+    while not config_cache._listener.live and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert config_cache._listener.live
+    assert httpx.post(f"{gateway}/v1/chat/completions", json=body, headers=headers, timeout=30).status_code == 200  # key cached
+
+    ApiKey.objects.filter(pk=key.pk).update(revoked_at=timezone.now())  # no signal in this process
+    caches["default"]._cache.get_client().publish(config_cache.CHANNEL, "from-another-process")  # what its changed() sends
+    deadline = time.monotonic() + 2
+    while config_cache._generation != "from-another-process" and time.monotonic() < deadline:
+        time.sleep(0.005)
+    resp = httpx.post(f"{gateway}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "revoked_api_key"

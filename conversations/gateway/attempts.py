@@ -125,6 +125,13 @@ def _timeout(policy: Policy, remaining: float) -> aiohttp.ClientTimeout:
     )
 
 
+def _record_success_soon(key: str) -> None:
+    """A success changes no decision of this request, so its count goes to the
+    shared breaker while the call is being recorded, off the answer's path
+    (failures are counted at once: the next retry's allow() depends on them)."""
+    asyncio.get_running_loop().call_soon(breaker.record, key, True)
+
+
 async def send(*, routes: list[Route], policy: Policy, attempts: Attempts, stream: bool) -> Sent:
     deadline = attempts.started + policy.deadline_s
     last: GatewayError | None = None
@@ -157,7 +164,7 @@ async def send(*, routes: list[Route], policy: Policy, attempts: Attempts, strea
                 if response.status < 400:
                     if stream:
                         attempts.add(route, retry, t0, "ok", status=response.status)
-                        breaker.record(key, True)
+                        _record_success_soon(key)
                         return Sent(response, route)
                     try:
                         body = _parse(raw)
@@ -166,7 +173,7 @@ async def send(*, routes: list[Route], policy: Policy, attempts: Attempts, strea
                         attempts.add(route, retry, t0, "malformed", status=response.status, code=err.code)
                     else:
                         attempts.add(route, retry, t0, "ok", status=response.status)
-                        breaker.record(key, True)
+                        _record_success_soon(key)
                         return Sent(response, route, body, raw)
                 else:
                     response.release()

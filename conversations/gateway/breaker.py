@@ -38,9 +38,32 @@ def _register(key: str) -> None:
         shared.set(REGISTRY, [*known, key][-500:], None)
 
 
+# What this process last read of each breaker's open marker, and when. Every
+# recorded call reads the marker anyway (in the same round trip as its count),
+# so under traffic allow() needs no read of its own: a breaker opened by
+# another worker is seen after this worker's next recorded call, or within
+# SEEN_FRESH_S when it makes none.
+SEEN_FRESH_S = 1.0
+_seen: dict[str, tuple[float, float | None]] = {}
+
+
+def _open_marker(key: str) -> float | None:
+    seen = _seen.get(key)
+    if seen is not None and time.monotonic() - seen[0] < SEEN_FRESH_S:
+        return seen[1]
+    open_until = shared.get(f"cb:{key}:open")
+    _seen[key] = (time.monotonic(), open_until)
+    return open_until
+
+
+def forget() -> None:
+    """Drop what this process remembers (tests reset the shared state)."""
+    _seen.clear()
+
+
 def allow(key: str, *, now: float | None = None) -> bool:
     now = now or time.time()
-    open_until = shared.get(f"cb:{key}:open")
+    open_until = _open_marker(key)
     if open_until is None:
         return True
     if now < open_until:
@@ -56,6 +79,7 @@ def record(key: str, ok: bool, *, now: float | None = None) -> None:
     if not ok:
         shared.incr(f"cb:{key}:{bucket}:f", 1, ttl=ttl)
     _, open_until = shared.incr_then_get(f"cb:{key}:{bucket}:n", 1, ttl, f"cb:{key}:open")
+    _seen[key] = (time.monotonic(), open_until)
     half_open = open_until is not None and now >= open_until
     if ok:
         if half_open:
@@ -79,6 +103,7 @@ def _window(key: str, now: float) -> tuple[int, int]:
 
 def _open(key: str, now: float) -> None:
     shared.set(f"cb:{key}:open", now + _cfg("OPEN_S"), None)
+    _seen[key] = (time.monotonic(), now + _cfg("OPEN_S"))
     shared.delete_many([f"cb:{key}:probe"])
     _register(key)
 
@@ -86,6 +111,7 @@ def _open(key: str, now: float) -> None:
 def _close(key: str, now: float) -> None:
     names = [f"cb:{key}:open", f"cb:{key}:probe"] + [f"cb:{key}:{b}:{k}" for b in _buckets(now) for k in ("n", "f")]
     shared.delete_many(names)
+    _seen[key] = (time.monotonic(), None)
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,13 @@ fallbacks — cached in each process.
 
 Entries live at most TTL_S seconds, and all are dropped as soon as the shared
 configuration generation changes: every save or delete of a governing model
-sets a new generation (governance/config_events.py), and each admission reads
-it from the shared cache (one Redis GET). So a revoked key or a new price
-takes effect on the next request in every worker; without Redis, other
-processes see it within TTL_S. Spend and holds are never cached.
+sets a new generation (governance/config_events.py) and publishes it on a
+Redis channel. Each gateway process listens on that channel, so a revoked key
+or a new price reaches every worker within a millisecond or so, without a
+Redis read per request. While the listener is not connected (starting, or
+Redis away) admission reads the generation from the shared cache on every
+request instead, which catches up on anything missed. Without Redis, other
+processes see a change within TTL_S. Spend and holds are never cached.
 """
 
 import threading
@@ -31,6 +34,57 @@ _generation: str | None = None
 _touched: dict[int, float] = {}
 
 
+CHANNEL = "gateway:config-generation"
+
+
+class _Listener:
+    """Redis pub/sub subscriber on a daemon thread; `live` while subscribed."""
+
+    def __init__(self):
+        self.live = False
+        self.thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def ensure_started(self) -> None:
+        if self.thread is not None or shared.redis_url() is None:
+            return
+        with self._start_lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="config-listener", daemon=True)
+                self.thread.start()
+
+    def _run(self) -> None:
+        import redis
+
+        while True:
+            try:
+                client = redis.Redis.from_url(
+                    shared.redis_url(), socket_connect_timeout=0.5, socket_keepalive=True, health_check_interval=5
+                )
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(CHANNEL)
+                _adopt(_shared_generation())  # whatever changed before we were listening
+                self.live = True
+                while True:
+                    message = pubsub.get_message(timeout=5.0)
+                    if message is not None:
+                        _adopt(message["data"].decode())
+            except (redis.RedisError, OSError):
+                self.live = False
+                time.sleep(1.0)
+
+
+_listener = _Listener()
+
+
+def _adopt(generation: str | None) -> None:
+    global _generation
+    if generation is not None and generation != _generation:
+        with _lock:
+            _entries.clear()
+            _generation = generation
+
+
 def _shared_generation() -> str:
     generation = shared.get(GENERATION_KEY)
     if generation is None:
@@ -41,19 +95,19 @@ def _shared_generation() -> str:
 
 def refresh() -> None:
     """Call once per request: drop everything if configuration changed."""
-    global _generation
-    generation = _shared_generation()
-    if generation != _generation:
-        with _lock:
-            _entries.clear()
-            _generation = generation
+    if _listener.live:
+        return  # changes are pushed to this process as they happen
+    _listener.ensure_started()
+    _adopt(_shared_generation())
 
 
 def changed() -> None:
-    """Configuration changed: every process drops its cache on its next request."""
-    shared.set(GENERATION_KEY, uuid.uuid4().hex, None)
+    """Configuration changed: every process drops its cache at once."""
+    generation = uuid.uuid4().hex
+    shared.set(GENERATION_KEY, generation, None)
     with _lock:
         _entries.clear()
+    shared.publish(CHANNEL, generation)
 
 
 def _cached(key: tuple, load):

@@ -108,6 +108,30 @@ def _pipeline(backend):
     return backend._cache.get_client(write=True).pipeline(transaction=False)
 
 
+def redis_url() -> str | None:
+    """The shared cache's Redis URL, when the shared cache is one Redis server."""
+    from django.conf import settings
+
+    cache = settings.CACHES["default"]
+    if "redis" not in cache["BACKEND"].lower():
+        return None
+    location = cache["LOCATION"]
+    if isinstance(location, str) and "," not in location:
+        return location
+    return None
+
+
+def publish(channel: str, message: str) -> None:
+    """Best effort: listeners that miss it catch up from the shared cache."""
+    backend = _backend()
+    if not isinstance(backend, RedisCache):
+        return
+    try:
+        backend._cache.get_client(write=True).publish(channel, message)
+    except _ERRORS as exc:
+        _failed(exc)
+
+
 def incr_then_get(counter: str, delta: int, ttl: int, read: str) -> tuple[int, object]:
     """Add to a counter living `ttl` seconds from its first use, and read
     another key: one round trip on Redis (this runs for every provider call)."""
