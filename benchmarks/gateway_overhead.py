@@ -188,10 +188,12 @@ class CpuMeter:
         self.before: dict[str, dict[int, float]] = {}
         self.machine_before = (0.0, 0.0)
         # Memory: resident size at rest, taken when a target's first measured
-        # phase starts (after its first warm-up: code paths, encodings and
-        # connection pools are loaded, no request in flight), and the peak
-        # during each phase.
-        self.idle_rss: dict[str, int] = {}
+        # phase of a mode (non-stream, stream) starts (after its first warm-up
+        # at c=1: code paths, encodings and pools are loaded, one request at a
+        # time), and the peak during each phase. Python keeps what it
+        # allocated, so phases run in ascending concurrency and the growth at
+        # the highest concurrency is the figure that means something.
+        self.idle_rss: dict[tuple[str, bool], int] = {}
         self.peak_rss: dict[str, int] = {}
 
     def rss(self) -> dict[str, int]:
@@ -208,10 +210,10 @@ class CpuMeter:
     def _snapshot(self) -> dict[str, dict[int, float]]:
         return {name: {pid: _proc_cpu_s(pid) for pid in pids()} for name, pids in self.groups.items()}
 
-    def start(self, target: str = "") -> None:
+    def start(self, target: str = "", stream: bool = False) -> None:
         group = self.GROUP_OF_TARGET.get(target)
-        if group and group not in self.idle_rss:
-            self.idle_rss[group] = self.rss()[group]
+        if group and (group, stream) not in self.idle_rss:
+            self.idle_rss[group, stream] = self.rss()[group]
         self.before = self._snapshot()
         self.machine_before = _machine_busy_s()
 
@@ -665,7 +667,7 @@ class Load:
         tickets = iter(range(n_requests))
         sampler = None
         if meter is not None:
-            meter.start(self.t.name)
+            meter.start(self.t.name, self.stream)
             sampler = asyncio.ensure_future(meter.sample_memory())
         start = time.perf_counter()
         deadline = start + duration
@@ -686,7 +688,7 @@ class Load:
         sampler.cancel()
         cpu = meter.stop()
         group = meter.GROUP_OF_TARGET[self.t.name]
-        cpu["memory"] = {group: {"idle_bytes": meter.idle_rss[group], "peak_bytes": meter.peak_rss[group]}}
+        cpu["memory"] = {group: {"idle_bytes": meter.idle_rss[group, self.stream], "peak_bytes": meter.peak_rss[group]}}
         return outcomes, wall, cpu
 
     async def close(self) -> None:
@@ -869,13 +871,13 @@ def print_report(info: dict, results: list[dict], check: dict) -> None:
             print(f"{row['scenario']:<16}{name:<9}" + "".join(f"{fmt(per.get(n)):>10}" for n in names)
                   + f"{fmt(cpu['machine_busy_pct']):>8}")
     print()
-    print("Memory (resident, all processes of the target): at rest (warmed up, nothing in flight), peak during")
-    print("the phase, and the growth over rest divided by the requests in flight (the concurrency):")
+    print("Memory (resident, all processes of the target): at rest (warmed up at c=1, per mode), peak during the")
+    print("phase, and the growth over rest divided by the requests in flight (most telling at the highest c):")
     print(f"{'scenario':<16}{'target':<9}{'rest MB':>10}{'peak MB':>10}{'KB per in-flight':>18}")
     for row in results:
         for name, group in (("direct", "simulator"), ("gateway", "gateway")):
             mem = row.get(name, {}).get("cpu", {}).get("memory", {}).get(group)
-            if not mem:
+            if not mem or row["concurrency"] == 1:
                 continue
             grow = max(0, mem["peak_bytes"] - mem["idle_bytes"]) / row["concurrency"] / 1024
             row[name]["kb_per_in_flight"] = round(grow, 1)
