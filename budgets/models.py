@@ -219,7 +219,8 @@ class Reservation(models.Model):
         EXPIRED = "expired", "Expired"
 
     call = models.ForeignKey("conversations.ProviderCall", on_delete=models.PROTECT, related_name="reservations")
-    budget_period = models.ForeignKey(BudgetPeriod, on_delete=models.PROTECT, related_name="reservations")
+    # db_index=False: reservation_period_closed_idx (budget_period, closed_at) serves period lookups.
+    budget_period = models.ForeignKey(BudgetPeriod, on_delete=models.PROTECT, related_name="reservations", db_index=False)
     amount_usd = models.DecimalField(**MONEY)
     tokens = models.BigIntegerField()
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.HELD)

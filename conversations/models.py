@@ -33,7 +33,8 @@ class ProviderCallQuerySet(models.QuerySet):
 
 
 class Conversation(models.Model):
-    application = models.ForeignKey(Application, on_delete=models.PROTECT, related_name="conversations")
+    # db_index=False: the (application, external_id) unique index serves application lookups.
+    application = models.ForeignKey(Application, on_delete=models.PROTECT, related_name="conversations", db_index=False)
     external_id = models.CharField(
         max_length=128, help_text="The bot's conversation id (X-Conversation-ID), or one the platform made."
     )
@@ -74,8 +75,9 @@ class ProviderCall(models.Model):
         FAILED = "failed", "Failed"
 
     request_id = models.CharField(max_length=128, db_index=True)
+    # db_index=False: call_app_time_idx (application, -created_at) serves application lookups.
     application = models.ForeignKey(
-        Application, null=True, blank=True, on_delete=models.PROTECT, related_name="calls"
+        Application, null=True, blank=True, on_delete=models.PROTECT, related_name="calls", db_index=False
     )
     api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.PROTECT, related_name="calls")
     key_prefix = models.CharField(max_length=16, blank=True, help_text="Prefix of the key presented, if any.")
@@ -156,7 +158,8 @@ class Message(models.Model):
         REQUEST = "request", "Sent"
         RESPONSE = "response", "Answer"
 
-    conversation = models.ForeignKey(Conversation, on_delete=models.PROTECT, related_name="messages")
+    # db_index=False: message_conv_call_idx (conversation, call) serves conversation lookups.
+    conversation = models.ForeignKey(Conversation, on_delete=models.PROTECT, related_name="messages", db_index=False)
     call = models.ForeignKey(ProviderCall, on_delete=models.PROTECT, related_name="messages")
     direction = models.CharField(max_length=10, choices=Direction.choices)
     position = models.PositiveSmallIntegerField(help_text="Index within the call's request (answers: 0).")

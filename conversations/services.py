@@ -95,6 +95,13 @@ def conversation_title(messages: list[dict]) -> str:
 def _conversation(*, application: Application, external_id: str | None, end_user: str, messages, now) -> Conversation:
     if not external_id:
         external_id = new_conversation_id()
+    else:
+        # An existing conversation is only read here: its last activity moves
+        # when the call finishes (rewriting the row at open too cost an extra
+        # row version and index entries on every request).
+        existing = Conversation.objects.filter(application=application, external_id=external_id).only("id", "external_id").first()
+        if existing is not None:
+            return existing
     defaults = {
         "end_user": end_user,
         "title": conversation_title(messages),
