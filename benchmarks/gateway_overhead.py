@@ -734,9 +734,35 @@ def cpu_summary(cpu: dict, requests: int) -> dict:
     return {"ms_per_request": per, "machine_busy_pct": busy, "memory": cpu.get("memory", {})}
 
 
+def calls_recorded_in_total() -> int:
+    from conversations.models import ProviderCall
+
+    return ProviderCall.objects.count()
+
+
+async def prefill(args, target: Target, run_id: str) -> int:
+    """A production database has history; an empty one does not behave like it
+    (the planner picks sequential scans for tables it last saw nearly empty, and
+    those plans stay cached while the tables grow). Bring the database up to
+    --prefill calls through the gateway itself, untimed, then VACUUM ANALYZE."""
+    have = await asyncio.to_thread(calls_recorded_in_total)
+    missing = args.prefill - have
+    if missing <= 0 or "gateway" not in args.targets:
+        return 0
+    log(f"prefill: the database has {have} calls; sending {missing} untimed requests through the gateway")
+    load = Load(target, concurrency=50, stream=False, client=args.client, model=args.model, max_tokens=args.max_tokens,
+                timeout=args.timeout, conversation_prefix=f"bench-{run_id}-prefill", per_request_conversation=False)
+    try:
+        await load.phase(missing, duration=300)
+    finally:
+        await load.close()
+    await asyncio.to_thread(vacuum, args.database_url)
+    return load.answered_200
+
+
 async def run_scenarios(args, targets: dict[str, Target], run_id: str, meter: CpuMeter) -> tuple[list[dict], int]:
     results = []
-    gateway_answered = 0
+    gateway_answered = await prefill(args, targets["gateway"], run_id)
     modes = [False, True] if args.stream else [False]
     for stream in modes:
         for c in args.concurrency:
@@ -904,6 +930,8 @@ def parse_args(argv=None):
     p.add_argument("--requests", type=int, default=None,
                    help="measured requests per scenario and target (default 300 at c=1, 2000 otherwise)")
     p.add_argument("--duration", type=float, default=30.0, help="cap in seconds per scenario and target (default 30)")
+    p.add_argument("--prefill", type=int, default=5000, metavar="CALLS",
+                   help="first bring the database up to this many recorded calls, untimed (default 5000)")
     p.add_argument("--no-vacuum", dest="vacuum", action="store_false",
                    help="do not VACUUM the database before each gateway scenario (default: vacuum, as autovacuum would)")
     p.add_argument("--warmup", type=int, default=50, help="warm-up requests before each measurement (at least 2*C)")
