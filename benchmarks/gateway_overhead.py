@@ -187,12 +187,10 @@ class CpuMeter:
         self.groups = groups  # name -> function returning the pids to count
         self.before: dict[str, dict[int, float]] = {}
         self.machine_before = (0.0, 0.0)
-        # Memory: resident size at rest, taken when a target's first measured
-        # phase of a mode (non-stream, stream) starts (after its first warm-up
-        # at c=1: code paths, encodings and pools are loaded, one request at a
-        # time), and the peak during each phase. Python keeps what it
-        # allocated, so phases run in ascending concurrency and the growth at
-        # the highest concurrency is the figure that means something.
+        # Memory: resident size at rest (memory_at_rest: after 50 requests at
+        # c=1, before anything else), and the peak during each phase. Python
+        # keeps what it allocated, so the growth at the highest concurrency is
+        # the figure that means something.
         self.idle_rss: dict[tuple[str, bool], int] = {}
         self.peak_rss: dict[str, int] = {}
 
@@ -760,9 +758,31 @@ async def prefill(args, target: Target, run_id: str) -> int:
     return load.answered_200
 
 
+async def memory_at_rest(args, targets: dict[str, Target], run_id: str, meter: CpuMeter) -> int:
+    """Each target's resident size after 50 requests at c=1 (code paths,
+    encodings and pools loaded; one request at a time), taken before anything
+    else runs: the prefill and higher concurrencies grow it for good."""
+    answered = 0
+    for name in args.targets:
+        load = Load(targets[name], concurrency=1, stream=False, client=args.client, model=args.model,
+                    max_tokens=args.max_tokens, timeout=args.timeout, conversation_prefix=f"bench-{run_id}-rest",
+                    per_request_conversation=False)
+        try:
+            await load.phase(50, duration=60)
+        finally:
+            await load.close()
+        group = meter.GROUP_OF_TARGET[name]
+        rest = meter.rss()[group]
+        meter.idle_rss[group, False] = meter.idle_rss[group, True] = rest
+        if name == "gateway":
+            answered += load.answered_200
+    return answered
+
+
 async def run_scenarios(args, targets: dict[str, Target], run_id: str, meter: CpuMeter) -> tuple[list[dict], int]:
     results = []
-    gateway_answered = await prefill(args, targets["gateway"], run_id)
+    gateway_answered = await memory_at_rest(args, targets, run_id, meter)
+    gateway_answered += await prefill(args, targets["gateway"], run_id)
     modes = [False, True] if args.stream else [False]
     for stream in modes:
         for c in args.concurrency:
@@ -897,8 +917,8 @@ def print_report(info: dict, results: list[dict], check: dict) -> None:
             print(f"{row['scenario']:<16}{name:<9}" + "".join(f"{fmt(per.get(n)):>10}" for n in names)
                   + f"{fmt(cpu['machine_busy_pct']):>8}")
     print()
-    print("Memory (resident, all processes of the target): at rest (warmed up at c=1, per mode), peak during the")
-    print("phase, and the growth over rest divided by the requests in flight (most telling at the highest c):")
+    print("Memory (resident, all processes of the target): at rest (after 50 requests at c=1, before the rest), peak")
+    print("during the phase, and the growth over rest divided by the requests in flight (read it at the highest c):")
     print(f"{'scenario':<16}{'target':<9}{'rest MB':>10}{'peak MB':>10}{'KB per in-flight':>18}")
     for row in results:
         for name, group in (("direct", "simulator"), ("gateway", "gateway")):
