@@ -50,7 +50,7 @@ class _Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
-            "config.asgi:application", host="127.0.0.1", port=self.port, log_level="warning", lifespan="off", loop="asyncio"
+            "config.asgi:application", host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", loop="asyncio"
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)

@@ -9,6 +9,7 @@ number of in-flight requests and a broken one is replaced on the next section.
 import asyncio
 import contextvars
 import functools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from django.conf import settings
@@ -41,3 +42,23 @@ async def db_section(fn, /, **kwargs):
     loop = asyncio.get_running_loop()
     ctx = contextvars.copy_context()  # keeps the request id on log lines written in the section
     return await loop.run_in_executor(_pool(), functools.partial(ctx.run, _run, fn, kwargs))
+
+
+def _close_own_connection(barrier: threading.Barrier) -> None:
+    try:
+        barrier.wait(timeout=5)  # one of these per thread: nobody runs two
+    except threading.BrokenBarrierError:
+        pass
+    connection.close()
+
+
+async def close_connections() -> None:
+    """At shutdown: each database thread closes the connection it kept, so
+    the server leaves no session behind (Postgres counts them; tests cannot
+    drop their database while any is open)."""
+    if _executor is None:
+        return
+    threads = settings.GATEWAY["DB_THREADS"]
+    barrier = threading.Barrier(threads)
+    loop = asyncio.get_running_loop()
+    await asyncio.gather(*(loop.run_in_executor(_executor, _close_own_connection, barrier) for _ in range(threads)))
