@@ -115,3 +115,27 @@ def test_a_configuration_change_elsewhere_is_pushed_to_the_gateway(gateway, app_
         time.sleep(0.005)
     resp = httpx.post(f"{gateway}/v1/chat/completions", json=body, headers=headers, timeout=30)
     assert resp.status_code == 401 and resp.json()["error"]["code"] == "revoked_api_key"
+
+
+def test_successes_reach_the_shared_count_within_the_flush_interval():
+    """Counting a success costs no Redis round trip on the request; the other
+    workers see it within breaker.FLUSH_S, and a failure brings the pending
+    ones with it so its ratio is judged on every call made."""
+    import time
+
+    caches["default"].clear()
+    breaker.forget()
+    key = breaker.key_for("http://127.0.0.1:9/v1", "batched")
+    bucket = breaker._buckets(time.time())[0]
+    for _ in range(5):
+        breaker.count_success(key)
+    deadline = time.monotonic() + 2
+    while (shared.get(f"cb:{key}:{bucket}:n") or 0) < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert shared.get(f"cb:{key}:{bucket}:n") == 5
+
+    with breaker._pending_lock:  # successes not yet flushed ...
+        breaker._pending[key] = breaker._pending.get(key, 0) + 3
+    breaker.record(key, False)  # ... go with the failure
+    assert breaker._window(key, time.time()) == (9, 1)
+    assert breaker.allow(key)  # 1 failure in 9 calls: still closed

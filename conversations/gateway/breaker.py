@@ -7,6 +7,7 @@ for `OPEN_S`. Then half-open: exactly one worker wins the probe (an atomic
 `add`); its success closes the breaker, its failure opens it again.
 """
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -59,6 +60,8 @@ def _open_marker(key: str) -> float | None:
 def forget() -> None:
     """Drop what this process remembers (tests reset the shared state)."""
     _seen.clear()
+    with _pending_lock:
+        _pending.clear()
 
 
 def allow(key: str, *, now: float | None = None) -> bool:
@@ -72,17 +75,22 @@ def allow(key: str, *, now: float | None = None) -> bool:
     return shared.add(f"cb:{key}:probe", now, ttl=_cfg("PROBE_TIMEOUT_S"))
 
 
-def record(key: str, ok: bool, *, now: float | None = None) -> None:
+def record(key: str, ok: bool, *, now: float | None = None, successes: int = 1, probe: bool = True) -> None:
+    """Count a call now (a failure, or `successes` successful calls). A
+    failure also takes this process's successes not yet shared, so the
+    failure ratio it is judged by includes them. Successes flushed in bulk
+    are not a probe: they never close a half-open breaker."""
     now = now or time.time()
     bucket = _buckets(now)[0]
     ttl = BUCKET_S * (WINDOW_BUCKETS + 1)
+    calls = successes if ok else 1 + _take_pending(key)
     if not ok:
         shared.incr(f"cb:{key}:{bucket}:f", 1, ttl=ttl)
-    _, open_until = shared.incr_then_get(f"cb:{key}:{bucket}:n", 1, ttl, f"cb:{key}:open")
+    _, open_until = shared.incr_then_get(f"cb:{key}:{bucket}:n", calls, ttl, f"cb:{key}:open")
     _seen[key] = (time.monotonic(), open_until)
     half_open = open_until is not None and now >= open_until
     if ok:
-        if half_open:
+        if half_open and probe:
             _close(key, now)
         return
     if half_open:
@@ -91,6 +99,62 @@ def record(key: str, ok: bool, *, now: float | None = None) -> None:
     calls, failures = _window(key, now)
     if calls >= _cfg("MIN_CALLS") and failures / calls >= _cfg("FAILURE_RATIO") and open_until is None:
         _open(key, now)
+
+
+# Successes while a breaker is closed are counted in this process and added
+# to the shared count every FLUSH_S by a daemon thread: one Redis round trip
+# per process and interval instead of one per call (a success changes no
+# decision, and a failure takes the pending ones with it). A success while the
+# breaker is open or half-open here (a probe) is recorded at once.
+FLUSH_S = 0.1
+_pending: dict[str, int] = {}
+_pending_lock = threading.Lock()
+_flusher: threading.Thread | None = None
+
+
+def count_success(key: str) -> None:
+    seen = _seen.get(key)
+    if seen is not None and seen[1] is not None:
+        record(key, True)
+        return
+    with _pending_lock:
+        _pending[key] = _pending.get(key, 0) + 1
+    _ensure_flusher()
+
+
+def _take_pending(key: str) -> int:
+    with _pending_lock:
+        return _pending.pop(key, 0)
+
+
+def flush() -> None:
+    with _pending_lock:
+        pending = dict(_pending)
+        _pending.clear()
+    for key, n in pending.items():
+        record(key, True, successes=n, probe=False)
+
+
+def _ensure_flusher() -> None:
+    global _flusher
+    if _flusher is not None:
+        return
+    with _pending_lock:
+        if _flusher is None:
+            _flusher = threading.Thread(target=_flush_forever, name="breaker-flush", daemon=True)
+            _flusher.start()
+
+
+def _flush_forever() -> None:
+    import structlog
+
+    log = structlog.get_logger("gateway.breaker")
+    while True:
+        time.sleep(FLUSH_S)
+        try:
+            flush()
+        except Exception as exc:  # noqa: BLE001 - the thread must outlive a bad flush; the counts are advisory
+            log.warning("breaker.flush_failed", error=repr(exc))
 
 
 def _window(key: str, now: float) -> tuple[int, int]:
