@@ -4,6 +4,7 @@ import logging
 
 import httpx
 import pytest
+from django.db import connection
 
 
 def test_healthz_and_readyz(client, db):
@@ -49,3 +50,42 @@ def test_every_log_line_of_a_request_carries_its_id_and_no_secret(gateway, app_k
     everything = "\n".join(str(r.msg) for r in caplog.records)
     assert secret not in everything
     assert "4111" not in everything
+
+
+def test_server_shutdown_closes_provider_pools_and_database_connections(transactional_db, app_key, sim):
+    """uvicorn's lifespan shutdown reaches the gateway: its provider sessions
+    are closed and its database threads let go of their connections."""
+    import httpx
+
+    from conversations.gateway import provider
+    from tests.conftest import _Server
+
+    other_loops = set(provider._sessions.keys())  # e.g. the session-wide test server's
+    server = _Server()
+    server.start()
+    loop_sessions = []
+    try:
+        resp = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8},
+            headers={"Authorization": f"Bearer {app_key[2]}"},
+            timeout=30,
+        )
+        assert resp.status_code == 200
+        loop_sessions = [
+            s for loop, per_loop in list(provider._sessions.items()) if loop not in other_loops for s in per_loop.values()
+        ]
+        assert loop_sessions and not any(s.closed for s in loop_sessions)
+        sessions_before = _db_sessions() if connection.vendor == "postgresql" else 0
+    finally:
+        server.stop()
+    assert not server.thread.is_alive()
+    assert all(s.closed for s in loop_sessions)
+    if connection.vendor == "postgresql":
+        assert _db_sessions() < sessions_before  # the database threads let go of theirs
+
+
+def _db_sessions() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
+        return cursor.fetchone()[0]

@@ -52,13 +52,19 @@ def _close_own_connection(barrier: threading.Barrier) -> None:
     connection.close()
 
 
+def _close_pool() -> None:
+    if getattr(connection, "pool", None) is not None:
+        connection.close_pool()
+
+
 async def close_connections() -> None:
-    """At shutdown: each database thread closes the connection it kept, so
-    the server leaves no session behind (Postgres counts them; tests cannot
-    drop their database while any is open)."""
+    """At shutdown: each database thread hands back the connection it kept,
+    then the pool is closed, so the server leaves no session behind (Postgres
+    counts them; tests cannot drop their database while one is open)."""
     if _executor is None:
         return
     threads = settings.GATEWAY["DB_THREADS"]
     barrier = threading.Barrier(threads)
     loop = asyncio.get_running_loop()
     await asyncio.gather(*(loop.run_in_executor(_executor, _close_own_connection, barrier) for _ in range(threads)))
+    await loop.run_in_executor(_executor, _close_pool)
