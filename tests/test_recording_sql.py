@@ -146,3 +146,16 @@ def test_finish_settles_a_hold_the_reaper_expired(settings):
     period = BudgetPeriod.objects.get(budget=budgets[0])
     assert period.reserved_usd == 0 and period.spent_usd > 0
     assert set(Reservation.objects.filter(call_id=opened.call_id).values_list("status", flat=True)) == {"settled"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_without_prepared_statements_the_functions_write_the_same(settings):
+    """GATEWAY_PREPARED_STATEMENTS=false (behind PgBouncer's transaction
+    pooling) sends the same statements unprepared, with the same result."""
+    _, price = make_model()
+    settings.GATEWAY = {**settings.GATEWAY, "SQL_RECORDING": False}
+    reference = _scenario("orm", price)
+    settings.GATEWAY = {**settings.GATEWAY, "SQL_RECORDING": True, "PREPARED_STATEMENTS": False}
+    unprepared = _scenario("unprepared", price)
+    for key in ("calls", "messages", "conversations", "reservations", "periods", "warnings", "refusal"):
+        assert unprepared[key] == reference[key], key
