@@ -125,14 +125,6 @@ def _timeout(policy: Policy, remaining: float) -> aiohttp.ClientTimeout:
     )
 
 
-def _record_success_soon(key: str) -> None:
-    """A success changes no decision of this request: it is counted in
-    process and shared with the other workers within breaker.FLUSH_S, so the
-    answer waits for no Redis round trip. (Failures are counted at once: the
-    next retry's allow() depends on them.)"""
-    breaker.count_success(key)
-
-
 async def send(*, routes: list[Route], policy: Policy, attempts: Attempts, stream: bool) -> Sent:
     deadline = attempts.started + policy.deadline_s
     last: GatewayError | None = None
@@ -165,7 +157,10 @@ async def send(*, routes: list[Route], policy: Policy, attempts: Attempts, strea
                 if response.status < 400:
                     if stream:
                         attempts.add(route, retry, t0, "ok", status=response.status)
-                        _record_success_soon(key)
+                        # Counted in process, shared within breaker.FLUSH_S: the
+                        # answer waits for no Redis round trip. Failures (below)
+                        # are counted at once: the next retry's allow() needs them.
+                        breaker.count_success(key)
                         return Sent(response, route)
                     try:
                         body = _parse(raw)
@@ -174,7 +169,7 @@ async def send(*, routes: list[Route], policy: Policy, attempts: Attempts, strea
                         attempts.add(route, retry, t0, "malformed", status=response.status, code=err.code)
                     else:
                         attempts.add(route, retry, t0, "ok", status=response.status)
-                        _record_success_soon(key)
+                        breaker.count_success(key)
                         return Sent(response, route, body, raw)
                 else:
                     response.release()

@@ -30,24 +30,17 @@ Snapshotted here (not read from a file) so this migration never changes.
 
 from django.db import migrations
 
-OPEN_CALL = r"""
-CREATE OR REPLACE FUNCTION gateway_open_call(p jsonb) RETURNS jsonb
+PERIOD_IDS = r"""
+CREATE OR REPLACE FUNCTION gateway_period_ids(budgets jsonb) RETURNS bigint[]
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $fn$
+-- The accounting row of each {budget_id, subject, period_start, period_end},
+-- found or created (concurrent first requests converge on one row); each id once.
 DECLARE
-  now_ts timestamptz := (p->>'now')::timestamptz;
-  hold_usd numeric := coalesce((p->>'hold_usd')::numeric, 0);
-  hold_tokens bigint := coalesce((p->>'hold_tokens')::bigint, 0);
   b record;
-  per record;
   pid bigint;
   period_ids bigint[] := '{}';
-  conv_id bigint;
-  new_call_id bigint;
-  periods jsonb := '[]'::jsonb;
 BEGIN
-  -- Budget periods: find or create each, then lock them in id order (no
-  -- deadlocks) and check the hard caps before anything is written.
-  FOR b IN SELECT * FROM jsonb_to_recordset(coalesce(p->'budgets', '[]'::jsonb))
+  FOR b IN SELECT * FROM jsonb_to_recordset(coalesce(budgets, '[]'::jsonb))
            AS x(budget_id bigint, subject text, period_start timestamptz, period_end timestamptz)
   LOOP
     SELECT id INTO pid FROM budgets_budgetperiod
@@ -67,6 +60,27 @@ BEGIN
       period_ids := period_ids || pid;
     END IF;
   END LOOP;
+  RETURN period_ids;
+END
+$fn$;
+"""
+
+OPEN_CALL = r"""
+CREATE OR REPLACE FUNCTION gateway_open_call(p jsonb) RETURNS jsonb
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $fn$
+DECLARE
+  now_ts timestamptz := (p->>'now')::timestamptz;
+  hold_usd numeric := coalesce((p->>'hold_usd')::numeric, 0);
+  hold_tokens bigint := coalesce((p->>'hold_tokens')::bigint, 0);
+  per record;
+  period_ids bigint[];
+  conv_id bigint;
+  new_call_id bigint;
+  periods jsonb := '[]'::jsonb;
+BEGIN
+  -- Budget periods: find or create each, then lock them in id order (no
+  -- deadlocks) and check the hard caps before anything is written.
+  period_ids := gateway_period_ids(p->'budgets');
 
   IF cardinality(period_ids) > 0 THEN
     FOR per IN
@@ -245,34 +259,13 @@ OPEN_CALLS = r"""
 CREATE OR REPLACE FUNCTION gateway_open_calls(items jsonb) RETURNS jsonb
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $fn$
 DECLARE
-  b record;
-  pid bigint;
-  period_ids bigint[] := '{}';
+  period_ids bigint[];
   item jsonb;
   results jsonb := '[]'::jsonb;
 BEGIN
-  FOR b IN
-    SELECT x.* FROM jsonb_array_elements(items) AS i(value),
-           jsonb_to_recordset(coalesce(i.value->'budgets', '[]'::jsonb))
-             AS x(budget_id bigint, subject text, period_start timestamptz, period_end timestamptz)
-  LOOP
-    SELECT id INTO pid FROM budgets_budgetperiod
-     WHERE budget_id = b.budget_id AND subject = b.subject AND period_start = b.period_start;
-    IF pid IS NULL THEN
-      INSERT INTO budgets_budgetperiod
-        (budget_id, subject, period_start, period_end, spent_usd, reserved_usd, spent_tokens, reserved_tokens, warned_at_percent)
-      VALUES (b.budget_id, b.subject, b.period_start, b.period_end, 0, 0, 0, 0, 0)
-      ON CONFLICT (budget_id, subject, period_start) DO NOTHING
-      RETURNING id INTO pid;
-      IF pid IS NULL THEN
-        SELECT id INTO pid FROM budgets_budgetperiod
-         WHERE budget_id = b.budget_id AND subject = b.subject AND period_start = b.period_start;
-      END IF;
-    END IF;
-    IF NOT pid = ANY(period_ids) THEN
-      period_ids := period_ids || pid;
-    END IF;
-  END LOOP;
+  period_ids := gateway_period_ids(
+    (SELECT jsonb_agg(x.value) FROM jsonb_array_elements(items) AS i(value),
+            jsonb_array_elements(coalesce(i.value->'budgets', '[]'::jsonb)) AS x(value)));
   IF cardinality(period_ids) > 0 THEN
     PERFORM 1 FROM budgets_budgetperiod WHERE id = ANY(period_ids) ORDER BY id FOR UPDATE;
   END IF;
@@ -312,13 +305,13 @@ $fn$;
 
 DROP = ";".join(
     f"DROP FUNCTION IF EXISTS {fn}(jsonb)"
-    for fn in ("gateway_open_calls", "gateway_finish_calls", "gateway_open_call", "gateway_finish_call")
+    for fn in ("gateway_open_calls", "gateway_finish_calls", "gateway_open_call", "gateway_finish_call", "gateway_period_ids")
 )
 
 
 def create(apps, schema_editor):
     if schema_editor.connection.vendor == "postgresql":
-        for sql in (OPEN_CALL, FINISH_CALL, OPEN_CALLS, FINISH_CALLS):
+        for sql in (PERIOD_IDS, OPEN_CALL, FINISH_CALL, OPEN_CALLS, FINISH_CALLS):
             schema_editor.execute(sql)
 
 
