@@ -75,6 +75,7 @@ from gateway_overhead import (  # noqa: E402
     log,
     migrate,
     percentile,
+    stop_process_group,
 )
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/governance_chaos"
@@ -146,15 +147,7 @@ class Gateway:
         return ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
+        stop_process_group(self.proc)
         # workers left behind by a killed supervisor (same session)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)

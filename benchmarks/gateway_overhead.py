@@ -378,6 +378,21 @@ def recorded_calls(api_key_id: int, attempts: int = 3) -> dict[str, int]:
 # --- subprocesses --------------------------------------------------------------
 
 
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group a server was started in (start_new_session),
+    then SIGKILL it if it has not exited within 15 s."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
 class Gateway:
     """uvicorn serving config.asgi:application as a subprocess (its own session,
     so a Ctrl-C in the terminal reaches only us and we stop it in order)."""
@@ -433,15 +448,7 @@ class Gateway:
         return pids
 
     def stop(self, keep_log: bool = False) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
+        stop_process_group(self.proc)
         self.logfile.close()
         if not keep_log:
             with contextlib.suppress(OSError):
