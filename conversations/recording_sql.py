@@ -17,10 +17,12 @@ from datetime import timedelta
 from decimal import Decimal
 
 import orjson
+from django.db import DatabaseError, connection
 from django.utils import timezone
 
 from budgets.models import Budget, BudgetPeriod
 from budgets.services import BudgetExceeded, Hold, _keys, _raise_warnings, percent_used
+from conversations.gateway import metrics
 from conversations.group_commit import GroupCommit
 from governance.db import fetch_prepared
 from conversations.services import (
@@ -41,18 +43,39 @@ def _fetch(sql: str, payload) -> object:
     return orjson.loads(out) if isinstance(out, str | bytes) else out
 
 
-def _writer(name: str) -> GroupCommit:
-    single, batch = f"SELECT {name}(%s::jsonb)", f"SELECT {name}s(%s::jsonb)"
-    return GroupCommit(
-        name=name.removeprefix("gateway_").removesuffix("_call"),
-        single=lambda payload: _fetch(single, payload),
-        batch=lambda payloads: _fetch(batch, payloads),
-    )
+BUDGET_FILLED_MEANWHILE = "GW001"  # raised by gateway_open_reserve (migration 0006)
 
 
-# One writer per phase and process: concurrent requests' writes share transactions.
-OPENS = _writer("gateway_open_call")
-FINISHES = _writer("gateway_finish_call")
+def _open_one(payload: dict) -> dict:
+    """Open one call in its own transaction. The function checks the hard caps
+    before its inserts without locking the budget rows, and again under the
+    lock; if a concurrent request took the headroom in between it rolls back
+    (GW001) and the call is opened again with the rows locked first, which
+    cannot race. Inside the caller's own transaction there is no second try,
+    so the rows are locked first from the start."""
+    if connection.in_atomic_block:
+        return _fetch(OPEN_ONE, {**payload, "lock_first": True})
+    try:
+        return _fetch(OPEN_ONE, payload)
+    except DatabaseError as exc:
+        if getattr(exc.__cause__, "sqlstate", None) != BUDGET_FILLED_MEANWHILE:
+            raise
+    metrics.BUDGET_RACES.inc()
+    return _fetch(OPEN_ONE, {**payload, "lock_first": True})
+
+
+OPEN_ONE, OPEN_MANY = "SELECT gateway_open_call(%s::jsonb)", "SELECT gateway_open_calls(%s::jsonb)"
+FINISH_ONE, FINISH_MANY = "SELECT gateway_finish_call(%s::jsonb)", "SELECT gateway_finish_calls(%s::jsonb)"
+
+# One writer per phase and process: concurrent requests' writes share
+# transactions. A batch rejected by the server (GW001 included) is written
+# again one request at a time.
+OPENS = GroupCommit(name="open", single=_open_one, batch=lambda payloads: _fetch(OPEN_MANY, payloads))
+FINISHES = GroupCommit(
+    name="finish",
+    single=lambda payload: _fetch(FINISH_ONE, payload),
+    batch=lambda payloads: _fetch(FINISH_MANY, payloads),
+)
 
 
 def _percent(row: dict, budget: Budget) -> float:

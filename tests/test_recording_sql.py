@@ -159,3 +159,100 @@ def test_without_prepared_statements_the_functions_write_the_same(settings):
     unprepared = _scenario("unprepared", price)
     for key in ("calls", "messages", "conversations", "reservations", "periods", "warnings", "refusal"):
         assert unprepared[key] == reference[key], key
+
+
+def _raw_connection():
+    import psycopg
+
+    s = connection.settings_dict
+    return psycopg.connect(dbname=s["NAME"], user=s["USER"], host=s["HOST"] or None, port=s["PORT"] or None,
+                           password=s["PASSWORD"] or None)
+
+
+def _wait_for_lock_waiter(raw, timeout=10.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with raw.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()")
+            if cur.fetchone()[0]:
+                return
+        time.sleep(0.01)
+    raise AssertionError("the open never waited for the budget lock")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_budget_filled_between_the_two_checks_refuses_and_writes_nothing():
+    """The cap is checked without the lock, the call inserted, then checked
+    again under the lock. A concurrent request that took the headroom in
+    between makes the function roll back (GW001); the call is opened again
+    with the rows locked first and refused, leaving no trace of the first try."""
+    import threading
+
+    from conversations.gateway import metrics
+
+    _, price = make_model()
+    app, key, budgets = _world("race")
+    opened, _ = _open(key, budgets[:1], price, request_id="first", hold=D("0.000100"))
+    period = BudgetPeriod.objects.get(budget=budgets[0])
+    races = metrics.BUDGET_RACES._value.get()
+
+    raw = _raw_connection()  # another request, holding the period row while it reserves almost everything left
+    raw.execute("UPDATE budgets_budgetperiod SET reserved_usd = reserved_usd + 0.000850 WHERE id = %s", (period.pk,))
+    outcome = {}
+
+    def second():
+        try:
+            outcome["opened"] = _open(key, budgets[:1], price, request_id="second", hold=D("0.000100"))
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    watcher = _raw_connection()
+    _wait_for_lock_waiter(watcher)  # it passed the unlocked check and inserted, and now waits for the row
+    raw.commit()
+    thread.join(timeout=20)
+    raw.close()
+    watcher.close()
+
+    assert isinstance(outcome.get("error"), BudgetExceeded), outcome
+    assert metrics.BUDGET_RACES._value.get() == races + 1
+    assert list(ProviderCall.objects.filter(application=app).values_list("request_id", flat=True)) == ["first"]
+    assert not Message.objects.filter(call__request_id="second").exists()
+    period.refresh_from_db()
+    assert period.reserved_usd == D("0.000950")  # the first call's hold and the other request's, nothing of the refused one
+    assert Reservation.objects.filter(budget_period=period).count() == 1
+    assert services.finish_call(call=opened, result=_result()).recorded
+
+
+@pytest.mark.django_db(transaction=True)
+def test_batch_where_a_later_item_no_longer_fits_is_written_again_one_by_one():
+    """In a batch the caps are rechecked under the lock after the earlier
+    items' holds: the batch rolls back and its requests are written one by
+    one, so the first is opened and the second refused."""
+    from conversations import recording_sql
+    from conversations.group_commit import _Item
+
+    _, price = make_model()
+    app, key, budgets = _world("batch-race")
+    payloads = []
+    for request_id in ("one", "two"):
+        payload, external_id = recording_sql.open_payload(
+            budgets=budgets[:1], hold_usd=D("0.000600"), hold_tokens=10, ttl_s=120, request_id=request_id, api_key=key,
+            conversation_external_id="c", end_user="alice", step="", stream=False, model_requested="gpt-4o-mini",
+            model_used="gpt-4o-mini", parameters={}, messages=MESSAGES, price=price, estimated_prompt_tokens=40,
+            token_count_is_estimate=False, provider_base_url="http://127.0.0.1:1/v1",
+        )
+        payloads.append(_Item(payload, (key.application_id, external_id)))
+
+    recording_sql.OPENS._write(payloads, leader=None)
+
+    first, second = payloads
+    assert first.error is None and first.result["call_id"]
+    assert second.error is None and second.result["exceeded"]["unit"] == "usd"
+    assert list(ProviderCall.objects.filter(application=app).values_list("request_id", flat=True)) == ["one"]
+    assert BudgetPeriod.objects.get(budget=budgets[0]).reserved_usd == D("0.000600")

@@ -20,3 +20,8 @@ DB_WRITES = Counter(
     ["phase", "mode"],
 )
 DB_BATCHES = Counter("gateway_db_batches_total", "Shared transactions written by group commit", ["phase"])
+BUDGET_RACES = Counter(
+    "gateway_budget_reopened_total",
+    "Calls opened a second time with the budget rows locked first: a concurrent request took the "
+    "headroom between the unlocked cap check and the locked one (rare except near a cap)",
+)
