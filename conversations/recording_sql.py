@@ -164,8 +164,38 @@ def open_payload(
 def open_call_with_holds(**fields) -> tuple[OpenedCall, list[Hold]]:
     """Takes open_payload's arguments."""
     payload, external_id = open_payload(**fields)
+    out = OPENS.submit(payload, order=(fields["api_key"].application_id, external_id))
+    return opened_call(out, fields, external_id)
+
+
+def open_call_if_idle(**fields) -> tuple[OpenedCall, list[Hold]] | tuple[None, tuple[dict, str]]:
+    """On a database thread: open the call here if no other open is being
+    written (returns what open_call_with_holds returns); otherwise
+    (None, prepared) for open_call_with_holds_async."""
+    payload, external_id = open_payload(**fields)
+    out = OPENS.write_if_idle(payload, order=(fields["api_key"].application_id, external_id))
+    if out is None:
+        return None, (payload, external_id)
+    return opened_call(out, fields, external_id)
+
+
+async def open_call_with_holds_async(prepared: tuple[dict, str], fields: dict) -> tuple[OpenedCall, list[Hold]]:
+    """From the event loop: the request waits for the shared transaction
+    without holding a database thread; only a refusal reads the database, on a
+    database thread."""
+    from conversations.gateway.dbsection import db_section
+
+    payload, external_id = prepared
+    out = await OPENS.submit_async(payload, order=(fields["api_key"].application_id, external_id))
+    if "exceeded" in out:
+        return await db_section(opened_call, out=out, fields=fields, external_id=external_id)
+    return opened_call(out, fields, external_id)
+
+
+def opened_call(out: dict, fields: dict, external_id: str) -> tuple[OpenedCall, list[Hold]]:
+    """What the open function answered, as the ORM path's return value (or
+    its BudgetExceeded, which reads the budget as it stands now)."""
     budgets, api_key, hold_usd, hold_tokens = fields["budgets"], fields["api_key"], fields["hold_usd"], fields["hold_tokens"]
-    out = OPENS.submit(payload, order=(api_key.application_id, external_id))
     by_id = {b.pk: b for b in budgets}
     if "exceeded" in out:
         row = out["exceeded"]
@@ -203,8 +233,7 @@ def open_call_with_holds(**fields) -> tuple[OpenedCall, list[Hold]]:
     return opened, holds
 
 
-def finish_call(*, call: OpenedCall, result: CallResult) -> FinishedCall:
-    price, cost, total = cost_and_total(call=call, result=result)
+def finish_payload(*, call: OpenedCall, result: CallResult, price, cost: Decimal | None, total: int | None) -> dict:
     payload = {
         "now": timezone.now(),
         "call_id": call.call_id,
@@ -237,12 +266,46 @@ def finish_call(*, call: OpenedCall, result: CallResult) -> FinishedCall:
         if answer["parts"] is None:
             del answer["parts"]
         payload["answer"] = answer
+    return payload
+
+
+def finish_call(*, call: OpenedCall, result: CallResult) -> FinishedCall:
+    price, cost, total = cost_and_total(call=call, result=result)
+    payload = finish_payload(call=call, result=result, price=price, cost=cost, total=total)
     out = FINISHES.submit(payload, order=(call.application_id or 0, call.conversation_external_id or ""))
     if out["settled"] and out["periods"]:
         _warn(call, out["periods"])
-    if not out["recorded"]:
-        return FinishedCall(recorded=False, cost_usd=None)
-    return FinishedCall(recorded=True, cost_usd=cost)
+    return FinishedCall(recorded=out["recorded"], cost_usd=cost if out["recorded"] else None)
+
+
+async def finish_call_async(*, call: OpenedCall, result: CallResult) -> FinishedCall:
+    """The same from the event loop. A fallback's price is read from the
+    database, so a call a fallback answered is finished on a database thread;
+    so is the rare budget warning."""
+    from conversations.gateway.dbsection import db_section
+
+    if result.price_id is not None:
+        return await db_section(finish_call, call=call, result=result)
+    price, cost, total = cost_and_total(call=call, result=result)
+    payload = finish_payload(call=call, result=result, price=price, cost=cost, total=total)
+    out = await FINISHES.submit_async(payload, order=(call.application_id or 0, call.conversation_external_id or ""))
+    if out["settled"] and out["periods"] and _may_warn(call, out["periods"]):
+        await db_section(_warn, call=call, rows=out["periods"])
+    return FinishedCall(recorded=out["recorded"], cost_usd=cost if out["recorded"] else None)
+
+
+def _may_warn(call: OpenedCall, rows: list[dict]) -> bool:
+    """Whether _warn has anything to do (without a query): a settled row
+    crossed one of its budget's thresholds, or its budget is not at hand."""
+    known = {b.pk: b for b in call.budgets}
+    for row in rows:
+        budget = known.get(row["budget_id"])
+        if budget is None:
+            return True
+        pct = _percent(row, budget)
+        if any(pct >= t > row["warned_at_percent"] for t in (budget.warn_at or [])):
+            return True
+    return False
 
 
 def _warn(call: OpenedCall, rows: list[dict]) -> None:

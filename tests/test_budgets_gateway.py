@@ -235,3 +235,40 @@ def test_killed_worker_hold_expires_and_call_is_interrupted(transactional_db, ap
     period = BudgetPeriod.objects.get(budget=budget)
     assert period.reserved_usd == 0 and period.spent_usd == 0
     assert Reservation.objects.get(call=call).status == "expired"
+
+
+needs_group_commit = pytest.mark.skipif(connection.vendor != "postgresql", reason="group commit runs on Postgres")
+
+
+@pytest.fixture
+def opens_always_shared(monkeypatch):
+    """As under load: another open is always being written, so each call is
+    opened by group commit while its request waits on the event loop."""
+    from conversations import recording_sql
+
+    monkeypatch.setattr(recording_sql.OPENS, "write_if_idle", lambda *args, **kwargs: None)
+
+
+@needs_group_commit
+def test_a_call_opened_by_group_commit_is_answered_and_settled(gateway, app_key, opens_always_shared):
+    app, _, secret = app_key
+    budget = make_budget(application=app, limit_usd=Decimal("10"))
+    r = chat(gateway, secret, rid="shared-open")
+    assert r.status_code == 200
+    call = ProviderCall.objects.get(request_id="shared-open")
+    assert call.status == "succeeded" and call.cost_usd > 0
+    assert "budget_reserved" in kinds(call)
+    period = BudgetPeriod.objects.get(budget=budget)
+    assert period.spent_usd == call.cost_usd and period.reserved_usd == 0
+    assert set(Reservation.objects.filter(call=call).values_list("status", flat=True)) == {"settled"}
+
+
+@needs_group_commit
+def test_a_hard_cap_refusal_through_group_commit_is_recorded_once(gateway, app_key, opens_always_shared):
+    app, _, secret = app_key
+    make_budget(application=app, limit_usd=Decimal("0.000001"))
+    r = chat(gateway, secret, rid="shared-refused")
+    assert r.status_code == 429 and r.json()["error"]["code"] == "budget_exceeded"
+    [call] = ProviderCall.objects.filter(request_id="shared-refused")
+    assert call.status == "refused" and call.decisions[-1]["by"] == "hard_cap"
+    assert not Reservation.objects.filter(call__application=app).exists()

@@ -159,6 +159,97 @@ def test_inside_the_callers_transaction_nothing_is_shared():
     assert rec.batches == []
 
 
+# --- requests waiting on the event loop -----------------------------------------------
+
+
+def _async_burst(writer: GroupCommit, recorder: Recorder, ns: list[int], cancel: set[int] = frozenset()) -> dict:
+    """The first request's write is held until every other request waits."""
+    import asyncio
+
+    async def main():
+        first = asyncio.ensure_future(writer.submit_async({"n": ns[0]}, order=(ns[0],)))
+        assert await asyncio.get_running_loop().run_in_executor(None, recorder.started.wait, 5)
+        rest = {n: asyncio.ensure_future(writer.submit_async({"n": n}, order=(-n,))) for n in ns[1:]}
+        await asyncio.sleep(0.05)
+        for n in cancel:
+            rest[n].cancel()
+        recorder.release.set()
+        out = {}
+        for n, fut in [(ns[0], first), *rest.items()]:
+            try:
+                out[n] = await fut
+            except BaseException as exc:  # noqa: BLE001 - the test looks at what each request got
+                out[n] = exc
+        return out
+
+    return asyncio.run(main())
+
+
+@pytest.fixture
+def own_db_threads(settings):
+    """A database thread pool of two for this test; its connections are
+    closed afterwards and the gateway's pool is put back."""
+    import asyncio
+
+    from conversations.gateway import dbsection
+
+    settings.GATEWAY = {**settings.GATEWAY, "DB_THREADS": 2}
+    saved, dbsection._executor = dbsection._executor, None
+    yield
+    if dbsection._executor is not None:
+        asyncio.run(dbsection.close_connections())
+        dbsection._executor.shutdown(wait=True)
+    dbsection._executor = saved
+
+
+@pytest.mark.django_db(transaction=True)
+def test_requests_on_the_event_loop_share_the_next_transaction_without_holding_threads(own_db_threads):
+    """Thirty requests wait while one is written, with only two database
+    threads: they wait as futures, and all go in the next transaction."""
+    rec = Recorder()
+    writer = GroupCommit(name="test", single=rec.single, batch=rec.batch)
+    out = _async_burst(writer, rec, list(range(1, 32)))
+    assert out[1] == {"echo": 1, "how": "alone"}
+    assert all(out[n] == {"echo": n, "how": "batched"} for n in range(2, 32))
+    assert rec.batches == [sorted(range(2, 32), key=lambda n: -n)]  # one transaction, in the callers' order
+    assert not writer._draining and not writer._waiting
+
+
+@pytest.mark.django_db(transaction=True)
+def test_on_the_event_loop_a_rejected_batch_fails_only_the_bad_request_and_a_cancelled_one_is_still_written(own_db_threads):
+    rec = Recorder(batch_error=_server_error("23503"), bad={3})
+    writer = GroupCommit(name="test", single=rec.single, batch=rec.batch)
+    out = _async_burst(writer, rec, [1, 2, 3, 4], cancel={4})
+    assert out[2] == {"echo": 2, "how": "alone"}
+    assert isinstance(out[3], DatabaseError)
+    assert type(out[4]).__name__ == "CancelledError"
+    assert sorted(rec.singles) == [1, 2, 3, 4]  # the request that went away was written all the same
+
+
+@pytest.mark.django_db(transaction=True)
+def test_write_if_idle_writes_at_once_only_when_nothing_is_being_written(own_db_threads):
+    import asyncio
+
+    rec = Recorder()
+    writer = GroupCommit(name="test", single=rec.single, batch=rec.batch)
+
+    async def main():
+        first = asyncio.ensure_future(writer.submit_async({"n": 1}))
+        assert await asyncio.get_running_loop().run_in_executor(None, rec.started.wait, 5)
+        busy = writer.write_if_idle({"n": 2})  # someone is being written: wait like everyone else
+        rec.release.set()
+        await first
+        for _ in range(500):  # the writer job notices the empty queue just after answering
+            if not writer._draining:
+                break
+            await asyncio.sleep(0.001)
+        return busy, writer.write_if_idle({"n": 3})
+
+    busy, idle = asyncio.run(main())
+    assert busy is None and idle == {"echo": 3, "how": "alone"}
+    assert rec.singles == [1, 3]
+
+
 # --- the real functions on Postgres ------------------------------------------------
 
 needs_postgres = pytest.mark.skipif(connection.vendor != "postgresql", reason="the SQL functions exist on Postgres only")

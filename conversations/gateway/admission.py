@@ -1,6 +1,7 @@
-"""Everything the gateway decides before the provider is asked, in one
-synchronous section (one thread hop, one short transaction): who is calling,
-which model at what price, how many tokens, and the opened call record.
+"""Everything the gateway decides before the provider is asked: who is
+calling, which model at what price, how many tokens (prepare, one section on a
+database thread), and the opened call record (one transaction; on Postgres
+shared with concurrent requests by group commit, awaited on the event loop).
 
 A refusal is recorded here too, so a request that reached the gateway always
 leaves a record, and a refused one leaves nothing else.
@@ -8,6 +9,7 @@ leaves a record, and a refused one leaves nothing else.
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -21,6 +23,7 @@ from conversations import services
 from conversations.gateway.errors import GatewayError, PoliteRefusal, auth_error, invalid
 from conversations.gateway import config_cache, ratelimit
 from conversations.gateway.attempts import Policy, Route
+from conversations.gateway.dbsection import db_section
 from conversations.gateway.provider import Upstream
 from conversations.gateway.tokens import count_messages, encoder_for
 from conversations.gateway.validation import ChatRequest
@@ -220,7 +223,103 @@ def _record_refusal(err: GatewayError, request_id: str, started: float, **fields
     return err
 
 
-def admit(
+@dataclass
+class Pending:
+    """An admitted request whose call is not opened yet: what opening takes,
+    and what the gateway needs afterwards."""
+
+    open_fields: dict
+    refuse: Callable[..., GatewayError]
+    rules: list
+    plan: Plan
+    app: object
+    api_key: ApiKey
+    chat: ChatRequest
+    routes: list[Route]
+    policy: Policy
+
+    def over_budget(self, exc: BudgetExceeded) -> GatewayError:
+        """Records the refusal (a query: on a database thread) and returns it."""
+        mode = _refusal_mode(self.rules)
+        decision = {
+            "kind": "refused", "by": "hard_cap", "mode": mode, "budget": exc.budget.pk, "budget_name": exc.budget.name,
+            "unit": exc.unit, "needed_usd": str(exc.needed_usd), "needed_tokens": exc.needed_tokens,
+        }
+        return self.refuse(_budget_refusal(self.app, mode, exc.message), decisions=[*self.plan.decisions, decision])
+
+    def admitted(self, opened: services.OpenedCall, holds: list) -> Admitted:
+        app, plan, chat, routes = self.app, self.plan, self.chat, self.routes
+        reservation = None
+        if holds:
+            reservation = {
+                "kind": "budget_reserved",
+                "worst_case_usd": str(self.open_fields["hold_usd"]),
+                "worst_case_tokens": self.open_fields["hold_tokens"],
+                "budgets": [
+                    {"id": h.budget_id, "name": h.budget_name, "utilisation_percent": round(h.utilisation_after, 2)}
+                    for h in holds
+                ],
+            }
+        return Admitted(
+            opened=opened,
+            call_id=opened.call_id,
+            conversation_external_id=opened.conversation_external_id,
+            api_key=self.api_key,
+            routes=routes,
+            policy=self.policy,
+            estimated_prompt_tokens=plan.input_tokens,
+            model_encoding=plan.model.encoding,
+            degraded=plan.degraded,
+            reservation=reservation,
+            cache_key=_cache_key(app, routes[0].payload) if app.response_cache_ttl_s and not chat.stream else "",
+            cache_ttl_s=app.response_cache_ttl_s,
+            failure_reply=app.failure_reply,
+            slow_message=app.slow_message,
+            down_message=app.down_message,
+        )
+
+
+def admit(**request) -> Admitted:
+    """Authenticate (unless the caller already did: the native API), resolve,
+    count and open the call, or record why not and raise. Takes prepare's
+    arguments; runs on a database thread."""
+    pending = prepare(**request)
+    try:
+        opened, holds = services.open_call_with_holds(**pending.open_fields)
+    except BudgetExceeded as exc:
+        raise pending.over_budget(exc) from None
+    return pending.admitted(opened, holds)
+
+
+async def admit_async(**request) -> Admitted:
+    """admit from the event loop. On Postgres a call whose open would share a
+    transaction is opened by group commit while the request waits on the
+    loop, not on a database thread; a lone one is opened in the same section."""
+    from conversations import recording_sql
+
+    if not services.sql_recording():
+        return await db_section(admit, **request)
+    pending, (opened, holds_or_payload) = await db_section(_prepare_and_open_if_idle, **request)
+    if opened is not None:
+        return pending.admitted(opened, holds_or_payload)
+    try:
+        opened, holds = await recording_sql.open_call_with_holds_async(holds_or_payload, pending.open_fields)
+    except BudgetExceeded as exc:
+        raise (await db_section(pending.over_budget, exc=exc)) from None
+    return pending.admitted(opened, holds)
+
+
+def _prepare_and_open_if_idle(**request) -> tuple[Pending, tuple]:
+    from conversations import recording_sql
+
+    pending = prepare(**request)
+    try:
+        return pending, recording_sql.open_call_if_idle(**pending.open_fields)
+    except BudgetExceeded as exc:
+        raise pending.over_budget(exc) from None
+
+
+def prepare(
     *,
     request_id: str,
     headers: Headers,
@@ -228,9 +327,10 @@ def admit(
     body_error: GatewayError | None,
     started: float,
     api_key: ApiKey | None = None,
-) -> Admitted:
-    """Authenticate (unless the caller already did: the native API), resolve,
-    count and open the call, or record why not and raise."""
+) -> Pending:
+    """Everything before the call is opened: authentication, the request's
+    checks, model and price, token count, budgets, ladder and rate limits. A
+    refusal is recorded here and raised."""
     try:
         config_cache.refresh()
         if api_key is None:
@@ -330,57 +430,28 @@ def admit(
         raise refuse(err, decisions=[*plan.decisions, {"kind": "refused", "by": "rate_limit"}]) from None
     policy = Policy.for_application(app)
     upstream = routes[0].upstream
-    try:
-        opened, holds = services.open_call_with_holds(
-            budgets=budgets,
-            hold_usd=hold_usd,
-            hold_tokens=hold_tokens,
-            ttl_s=max(settings.GATEWAY["RESERVATION_TTL_S"], policy.deadline_s + 30),
-            request_id=request_id,
-            api_key=api_key,
-            conversation_external_id=headers.conversation_id or None,
-            end_user=end_user,
-            step=headers.step,
-            stream=chat.stream,
-            model_requested=model_name,
-            model_used=plan.model.name,
-            parameters=chat.parameters(),
-            messages=plan.messages,
-            price=plan.price,
-            estimated_prompt_tokens=plan.input_tokens,
-            token_count_is_estimate=plan.input_is_estimate,
-            provider_base_url=upstream.base_url,
-            decisions=plan.decisions,
-        )
-    except BudgetExceeded as exc:
-        mode = _refusal_mode(rules)
-        decision = {
-            "kind": "refused", "by": "hard_cap", "mode": mode, "budget": exc.budget.pk, "budget_name": exc.budget.name,
-            "unit": exc.unit, "needed_usd": str(exc.needed_usd), "needed_tokens": exc.needed_tokens,
-        }
-        raise refuse(_budget_refusal(app, mode, exc.message), decisions=[*plan.decisions, decision]) from None
-    reservation = None
-    if holds:
-        reservation = {
-            "kind": "budget_reserved",
-            "worst_case_usd": str(hold_usd),
-            "worst_case_tokens": hold_tokens,
-            "budgets": [{"id": h.budget_id, "name": h.budget_name, "utilisation_percent": round(h.utilisation_after, 2)} for h in holds],
-        }
-    return Admitted(
-        opened=opened,
-        call_id=opened.call_id,
-        conversation_external_id=opened.conversation_external_id,
+    open_fields = dict(
+        budgets=budgets,
+        hold_usd=hold_usd,
+        hold_tokens=hold_tokens,
+        ttl_s=max(settings.GATEWAY["RESERVATION_TTL_S"], policy.deadline_s + 30),
+        request_id=request_id,
         api_key=api_key,
-        routes=routes,
-        policy=policy,
+        conversation_external_id=headers.conversation_id or None,
+        end_user=end_user,
+        step=headers.step,
+        stream=chat.stream,
+        model_requested=model_name,
+        model_used=plan.model.name,
+        parameters=chat.parameters(),
+        messages=plan.messages,
+        price=plan.price,
         estimated_prompt_tokens=plan.input_tokens,
-        model_encoding=plan.model.encoding,
-        degraded=plan.degraded,
-        reservation=reservation,
-        cache_key=_cache_key(app, routes[0].payload) if app.response_cache_ttl_s and not chat.stream else "",
-        cache_ttl_s=app.response_cache_ttl_s,
-        failure_reply=app.failure_reply,
-        slow_message=app.slow_message,
-        down_message=app.down_message,
+        token_count_is_estimate=plan.input_is_estimate,
+        provider_base_url=upstream.base_url,
+        decisions=plan.decisions,
+    )
+    return Pending(
+        open_fields=open_fields, refuse=refuse, rules=rules, plan=plan, app=app, api_key=api_key, chat=chat,
+        routes=routes, policy=policy,
     )

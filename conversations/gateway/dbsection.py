@@ -44,6 +44,12 @@ async def db_section(fn, /, **kwargs):
     return await loop.run_in_executor(_pool(), functools.partial(ctx.run, _run, fn, kwargs))
 
 
+def start_in_pool(fn) -> None:
+    """Run fn on a database thread without waiting for it (group commit's
+    writer job); its connection is looked after as a section's is."""
+    _pool().submit(_run, fn, {})
+
+
 def _close_own_connection(barrier: threading.Barrier) -> None:
     try:
         barrier.wait(timeout=5)  # one of these per thread: nobody runs two

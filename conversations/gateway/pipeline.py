@@ -1,8 +1,9 @@
 """The gateway's request path: parse, admit (auth, model, price, count, open
 the record), ask the provider, relay the answer, finish the record.
 
-The provider leg and the relay are async; the two database sections
-(admission and finish) each take one hop to a DB thread.
+The provider leg and the relay are async. Admission takes one hop to a
+database thread; on Postgres the call's two writes (open and finish) are
+then handed to group commit, and the request waits for them on the event loop.
 """
 
 import asyncio
@@ -16,10 +17,10 @@ from django.core.exceptions import RequestDataTooBig
 from django.db import Error as DatabaseError
 from django.http import HttpResponse, StreamingHttpResponse
 
-from conversations import services
+from conversations import recording_sql, services
 from conversations.gateway import metrics, provider, shared
 from conversations.gateway.attempts import Attempts, AttemptsFailed, send
-from conversations.gateway.admission import Admitted, Headers, admit
+from conversations.gateway.admission import Admitted, Headers, admit_async
 from conversations.gateway.dbsection import db_section
 from conversations.gateway.errors import GatewayError, Outcome, PoliteRefusal, Status
 from conversations.gateway.tokens import count_text
@@ -146,6 +147,8 @@ async def _finish_with_retries(call: services.OpenedCall, result: services.CallR
     repeat: finishing is one transaction, conditional on the call still being open."""
     for delay in (*FINISH_RETRY_DELAYS_S, None):
         try:
+            if services.sql_recording():
+                return await recording_sql.finish_call_async(call=call, result=result)
             return await db_section(services.finish_call, call=call, result=result)
         except DatabaseError:
             if delay is None:
@@ -189,8 +192,8 @@ async def _handle(request, started: float) -> HttpResponse:
     headers = Headers.from_meta(request.META)
     chat, body_error = _read_body(request)
     try:
-        admitted = await db_section(
-            admit, request_id=request_id, headers=headers, chat=chat, body_error=body_error, started=started
+        admitted = await admit_async(
+            request_id=request_id, headers=headers, chat=chat, body_error=body_error, started=started
         )
     except PoliteRefusal as refusal:
         log.info("gateway.refused_politely", code=refusal.code)
@@ -218,8 +221,8 @@ async def complete_for_api(
     started = time.perf_counter()
     headers = Headers(authorization="", conversation_id=conversation_external_id, end_user="", step="")
     try:
-        admitted = await db_section(
-            admit, request_id=request_id, headers=headers, chat=chat, body_error=None, started=started, api_key=api_key
+        admitted = await admit_async(
+            request_id=request_id, headers=headers, chat=chat, body_error=None, started=started, api_key=api_key
         )
     except GatewayError as err:
         return err.http_status, err.body(), err.outcome
