@@ -221,6 +221,12 @@ class CpuMeter:
         out = {}
         for name, pids in after.items():
             out[name] = sum(cpu - self.before.get(name, {}).get(pid, 0.0) for pid, cpu in pids.items())
+        # Each gateway process's share: an uneven split means the listening
+        # socket hands connections to one worker more than the other.
+        out["gateway_split"] = sorted(
+            (round(cpu - self.before.get("gateway", {}).get(pid, 0.0), 3) for pid, cpu in after.get("gateway", {}).items()),
+            reverse=True,
+        )
         out["machine_busy"] = busy - self.machine_before[0]
         out["machine_total"] = total - self.machine_before[1]
         out["other"] = max(0.0, out["machine_busy"] - sum(out[n] for n in self.groups))
@@ -734,9 +740,11 @@ def summarise(outcomes: list[Outcome], wall: float) -> dict:
 def cpu_summary(cpu: dict, requests: int) -> dict:
     """CPU milliseconds per request for each component, and how busy the machine was."""
     per = {name: round(sec * 1000 / requests, 3) if requests else None
-           for name, sec in cpu.items() if name not in ("machine_busy", "machine_total", "memory")}
+           for name, sec in cpu.items() if name not in ("machine_busy", "machine_total", "memory", "gateway_split")}
     busy = round(100 * cpu["machine_busy"] / cpu["machine_total"], 1) if cpu["machine_total"] else None
-    return {"ms_per_request": per, "machine_busy_pct": busy, "memory": cpu.get("memory", {})}
+    total = sum(cpu.get("gateway_split", ()))
+    split = [round(100 * s / total) for s in cpu.get("gateway_split", ()) if total and s / total >= 0.01]
+    return {"ms_per_request": per, "machine_busy_pct": busy, "memory": cpu.get("memory", {}), "gateway_split_pct": split}
 
 
 def calls_recorded_in_total() -> int:
@@ -856,6 +864,7 @@ def machine_info(args, db: dict) -> dict:
         "database": db,
         "load_client": args.client,
         "simulator_latency_ms": args.sim_latency_ms,
+        "simulator_jitter_ms": args.sim_jitter_ms,
         "gateway_redis": bool(args.redis_url or os.environ.get("REDIS_URL")),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
@@ -900,7 +909,9 @@ def print_report(info: dict, results: list[dict], check: dict) -> None:
     )
     print(f"load average before the run: {info['loadavg_at_start']}")
     print(f"load: closed loop, one keep-alive connection per worker, client={info['load_client']}; "
-          f"simulator --latency-ms {info['simulator_latency_ms']:g}; latency = request sent -> full answer read; "
+          f"simulator --latency-ms {info['simulator_latency_ms']:g}"
+          + (f" --jitter-ms {info['simulator_jitter_ms']:g}" if info.get("simulator_jitter_ms") else "")
+          + "; latency = request sent -> full answer read; "
           f"shared cache: {'Redis' if info['gateway_redis'] else 'per-process memory'}")
     print()
     print(table(results))
@@ -921,8 +932,10 @@ def print_report(info: dict, results: list[dict], check: dict) -> None:
                 continue
             cpu = row[name]["cpu"]
             per = cpu["ms_per_request"]
+            split = cpu.get("gateway_split_pct") if name == "gateway" else None
             print(f"{row['scenario']:<16}{name:<9}" + "".join(f"{fmt(per.get(n)):>10}" for n in names)
-                  + f"{fmt(cpu['machine_busy_pct']):>8}")
+                  + f"{fmt(cpu['machine_busy_pct']):>8}"
+                  + (f"   gateway processes: {' / '.join(f'{p}%' for p in split)}" if split and len(split) > 1 else ""))
     print()
     print("Memory (resident, all processes of the target): at rest (after 50 requests at c=1, before the rest), peak")
     print("during the phase, and the growth over rest divided by the requests in flight (read it at the highest c):")
@@ -972,6 +985,9 @@ def parse_args(argv=None):
     p.add_argument("--sim-latency-ms", type=float, default=0.0,
                    help="provider think time in the simulator (default 0: measure pure overhead); "
                         "a realistic value keeps many upstream calls in flight")
+    p.add_argument("--sim-jitter-ms", type=float, default=0.0,
+                   help="spread the simulator's think time uniformly over latency +/- this (default 0: every answer "
+                        "takes exactly --sim-latency-ms, which keeps a closed loop's clients in lockstep waves)")
     p.add_argument("--model", default="gpt-4o-mini")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds")
@@ -1041,8 +1057,8 @@ def main(argv=None) -> int:
 
     sim = gateway = None
     try:
-        log(f"starting simulator (--latency-ms {args.sim_latency_ms:g})")
-        sim = start_simulator_process(port=0, latency_ms=args.sim_latency_ms, seed=1)
+        log(f"starting simulator (--latency-ms {args.sim_latency_ms:g} --jitter-ms {args.sim_jitter_ms:g})")
+        sim = start_simulator_process(port=0, latency_ms=args.sim_latency_ms, jitter_ms=args.sim_jitter_ms, seed=1)
         gw_env = dict(base_env, OPENAI_BASE_URL=sim.base_url, OPENAI_API_KEY=SIMULATOR_KEY)
         if args.redis_url:
             gw_env["REDIS_URL"] = args.redis_url
@@ -1096,7 +1112,7 @@ def main(argv=None) -> int:
                 "concurrency": args.concurrency, "requests": args.requests, "duration_s": args.duration,
                 "warmup": args.warmup, "stream": args.stream, "model": args.model, "max_tokens": args.max_tokens,
                 "conversation": args.conversation, "gateway_env": args.gateway_env, "targets": args.targets,
-                "workers": args.workers, "client": args.client, "sim_latency_ms": args.sim_latency_ms,
+                "workers": args.workers, "client": args.client, "sim_latency_ms": args.sim_latency_ms, "sim_jitter_ms": args.sim_jitter_ms,
                 "asgi_app": args.asgi_app, "database_url": args.database_url,
             },
             "results": results,
