@@ -13,6 +13,7 @@ budgets/services.py), which stays the reference and what SQLite runs;
 tests/test_recording_sql.py runs both on Postgres and compares what they wrote.
 """
 
+from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 
@@ -161,40 +162,54 @@ def open_payload(
     return payload, external_id
 
 
+@dataclass
+class OpenRequest:
+    """One call to open: the function's payload and the arguments it came from."""
+
+    payload: dict
+    external_id: str
+    fields: dict
+
+    @classmethod
+    def of(cls, **fields) -> "OpenRequest":
+        payload, external_id = open_payload(**fields)
+        return cls(payload, external_id, fields)
+
+    @property
+    def order(self) -> tuple:
+        return (self.fields["api_key"].application_id, self.external_id)
+
+
 def open_call_with_holds(**fields) -> tuple[OpenedCall, list[Hold]]:
     """Takes open_payload's arguments."""
-    payload, external_id = open_payload(**fields)
-    out = OPENS.submit(payload, order=(fields["api_key"].application_id, external_id))
-    return opened_call(out, fields, external_id)
+    request = OpenRequest.of(**fields)
+    return opened_call(OPENS.submit(request.payload, order=request.order), request)
 
 
-def open_call_if_idle(**fields) -> tuple[OpenedCall, list[Hold]] | tuple[None, tuple[dict, str]]:
+def open_call_if_idle(request: OpenRequest) -> tuple[OpenedCall, list[Hold]] | None:
     """On a database thread: open the call here if no other open is being
-    written (returns what open_call_with_holds returns); otherwise
-    (None, prepared) for open_call_with_holds_async."""
-    payload, external_id = open_payload(**fields)
-    out = OPENS.write_if_idle(payload, order=(fields["api_key"].application_id, external_id))
-    if out is None:
-        return None, (payload, external_id)
-    return opened_call(out, fields, external_id)
+    written (what open_call_with_holds returns); otherwise None, and the
+    caller waits with open_call_with_holds_async."""
+    out = OPENS.write_if_idle(request.payload, order=request.order)
+    return None if out is None else opened_call(out, request)
 
 
-async def open_call_with_holds_async(prepared: tuple[dict, str], fields: dict) -> tuple[OpenedCall, list[Hold]]:
+async def open_call_with_holds_async(request: OpenRequest) -> tuple[OpenedCall, list[Hold]]:
     """From the event loop: the request waits for the shared transaction
     without holding a database thread; only a refusal reads the database, on a
     database thread."""
     from conversations.gateway.dbsection import db_section
 
-    payload, external_id = prepared
-    out = await OPENS.submit_async(payload, order=(fields["api_key"].application_id, external_id))
+    out = await OPENS.submit_async(request.payload, order=request.order)
     if "exceeded" in out:
-        return await db_section(opened_call, out=out, fields=fields, external_id=external_id)
-    return opened_call(out, fields, external_id)
+        return await db_section(opened_call, out=out, request=request)
+    return opened_call(out, request)
 
 
-def opened_call(out: dict, fields: dict, external_id: str) -> tuple[OpenedCall, list[Hold]]:
+def opened_call(out: dict, request: OpenRequest) -> tuple[OpenedCall, list[Hold]]:
     """What the open function answered, as the ORM path's return value (or
     its BudgetExceeded, which reads the budget as it stands now)."""
+    fields, external_id = request.fields, request.external_id
     budgets, api_key, hold_usd, hold_tokens = fields["budgets"], fields["api_key"], fields["hold_usd"], fields["hold_tokens"]
     by_id = {b.pk: b for b in budgets}
     if "exceeded" in out:
@@ -233,7 +248,9 @@ def opened_call(out: dict, fields: dict, external_id: str) -> tuple[OpenedCall, 
     return opened, holds
 
 
-def finish_payload(*, call: OpenedCall, result: CallResult, price, cost: Decimal | None, total: int | None) -> dict:
+def finish_payload(*, call: OpenedCall, result: CallResult) -> tuple[dict, Decimal | None]:
+    """What gateway_finish_call takes, and the cost it charges."""
+    price, cost, total = cost_and_total(call=call, result=result)
     payload = {
         "now": timezone.now(),
         "call_id": call.call_id,
@@ -266,13 +283,16 @@ def finish_payload(*, call: OpenedCall, result: CallResult, price, cost: Decimal
         if answer["parts"] is None:
             del answer["parts"]
         payload["answer"] = answer
-    return payload
+    return payload, cost
+
+
+def _finish_order(call: OpenedCall) -> tuple:
+    return (call.application_id or 0, call.conversation_external_id or "")
 
 
 def finish_call(*, call: OpenedCall, result: CallResult) -> FinishedCall:
-    price, cost, total = cost_and_total(call=call, result=result)
-    payload = finish_payload(call=call, result=result, price=price, cost=cost, total=total)
-    out = FINISHES.submit(payload, order=(call.application_id or 0, call.conversation_external_id or ""))
+    payload, cost = finish_payload(call=call, result=result)
+    out = FINISHES.submit(payload, order=_finish_order(call))
     if out["settled"] and out["periods"]:
         _warn(call, out["periods"])
     return FinishedCall(recorded=out["recorded"], cost_usd=cost if out["recorded"] else None)
@@ -286,9 +306,8 @@ async def finish_call_async(*, call: OpenedCall, result: CallResult) -> Finished
 
     if result.price_id is not None:
         return await db_section(finish_call, call=call, result=result)
-    price, cost, total = cost_and_total(call=call, result=result)
-    payload = finish_payload(call=call, result=result, price=price, cost=cost, total=total)
-    out = await FINISHES.submit_async(payload, order=(call.application_id or 0, call.conversation_external_id or ""))
+    payload, cost = finish_payload(call=call, result=result)
+    out = await FINISHES.submit_async(payload, order=_finish_order(call))
     if out["settled"] and out["periods"] and _may_warn(call, out["periods"]):
         await db_section(_warn, call=call, rows=out["periods"])
     return FinishedCall(recorded=out["recorded"], cost_usd=cost if out["recorded"] else None)
@@ -298,14 +317,13 @@ def _may_warn(call: OpenedCall, rows: list[dict]) -> bool:
     """Whether _warn has anything to do (without a query): a settled row
     crossed one of its budget's thresholds, or its budget is not at hand."""
     known = {b.pk: b for b in call.budgets}
-    for row in rows:
-        budget = known.get(row["budget_id"])
-        if budget is None:
-            return True
-        pct = _percent(row, budget)
-        if any(pct >= t > row["warned_at_percent"] for t in (budget.warn_at or [])):
-            return True
-    return False
+    return any(row["budget_id"] not in known or _crosses(row, known[row["budget_id"]]) for row in rows)
+
+
+def _crosses(row: dict, budget: Budget) -> bool:
+    """The settled row passed a warning threshold not yet warned about."""
+    pct = _percent(row, budget)
+    return any(pct >= t > row["warned_at_percent"] for t in (budget.warn_at or []))
 
 
 def _warn(call: OpenedCall, rows: list[dict]) -> None:
@@ -315,12 +333,7 @@ def _warn(call: OpenedCall, rows: list[dict]) -> None:
     missing = {r["budget_id"] for r in rows} - set(known)
     if missing:
         known.update(Budget.objects.in_bulk(missing))
-    crossing = []
-    for row in rows:
-        budget = known[row["budget_id"]]
-        pct = _percent(row, budget)
-        if any(pct >= t > row["warned_at_percent"] for t in (budget.warn_at or [])):
-            crossing.append(row)
+    crossing = [row for row in rows if _crosses(row, known[row["budget_id"]])]
     if crossing:
         periods = {p.pk: p for p in BudgetPeriod.objects.filter(pk__in=[r["id"] for r in crossing])}
         for row in crossing:

@@ -299,22 +299,23 @@ async def admit_async(**request) -> Admitted:
 
     if not services.sql_recording():
         return await db_section(admit, **request)
-    pending, (opened, holds_or_payload) = await db_section(_prepare_and_open_if_idle, **request)
-    if opened is not None:
-        return pending.admitted(opened, holds_or_payload)
-    try:
-        opened, holds = await recording_sql.open_call_with_holds_async(holds_or_payload, pending.open_fields)
-    except BudgetExceeded as exc:
-        raise (await db_section(pending.over_budget, exc=exc)) from None
-    return pending.admitted(opened, holds)
+    pending, open_request, opened = await db_section(_prepare_and_open_if_idle, **request)
+    if opened is None:
+        try:
+            opened = await recording_sql.open_call_with_holds_async(open_request)
+        except BudgetExceeded as exc:
+            raise (await db_section(pending.over_budget, exc=exc)) from None
+    return pending.admitted(*opened)
 
 
-def _prepare_and_open_if_idle(**request) -> tuple[Pending, tuple]:
+def _prepare_and_open_if_idle(**request) -> tuple:
+    """prepare, then the open if no other is being written (else None)."""
     from conversations import recording_sql
 
     pending = prepare(**request)
+    open_request = recording_sql.OpenRequest.of(**pending.open_fields)
     try:
-        return pending, recording_sql.open_call_if_idle(**pending.open_fields)
+        return pending, open_request, recording_sql.open_call_if_idle(open_request)
     except BudgetExceeded as exc:
         raise pending.over_budget(exc) from None
 
