@@ -19,6 +19,10 @@ from conversations.gateway.asgi import GatewayApp  # noqa: E402
 
 gateway_application = GatewayApp()
 
+from conversations.gateway.warmup import prepare_process  # noqa: E402
+
+prepare_process()  # last: everything imported so far is frozen out of garbage collection
+
 
 async def _lifespan(receive, send) -> None:
     """Startup needs nothing; shutdown closes the provider connection pools

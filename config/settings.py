@@ -185,6 +185,9 @@ GATEWAY = {
     # transaction-pooling proxy that cannot keep prepared statements).
     "PREPARED_STATEMENTS": env.bool("GATEWAY_PREPARED_STATEMENTS", default=True),
     "KEY_LAST_USED_RESOLUTION_S": 60,
+    # The garbage collector's generation thresholds in gateway processes
+    # (conversations/gateway/warmup.py); empty keeps CPython's (700, 10, 10).
+    "GC_THRESHOLD": tuple(env.list("GATEWAY_GC_THRESHOLD", cast=int, default=[50_000, 20, 100])),
     # Applied when a budget applies and the request sets no max_tokens, so the worst case is bounded.
     "DEFAULT_MAX_OUTPUT_TOKENS": env.int("GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS", default=4096),
     # A hold not settled by then belongs to a dead process and is released by the reaper.
