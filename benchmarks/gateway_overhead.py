@@ -590,8 +590,10 @@ class Load:
     """A closed loop of C workers against one target."""
 
     def __init__(self, target: Target, *, concurrency: int, stream: bool, client: str, model: str,
-                 max_tokens: int, timeout: float, conversation_prefix: str, per_request_conversation: bool):
+                 max_tokens: int, timeout: float, conversation_prefix: str, per_request_conversation: bool,
+                 ramp_s: float = 0.0):
         self.t = target
+        self.ramp_s = ramp_s
         self.c = concurrency
         self.stream = stream
         self.client_kind = client
@@ -684,6 +686,8 @@ class Load:
         deadline = start + duration
 
         async def worker(w: int) -> None:
+            if self.ramp_s:
+                await asyncio.sleep(self.ramp_s * w / self.c)
             for _ in tickets:
                 if time.perf_counter() >= deadline:
                     return
@@ -811,7 +815,7 @@ async def run_scenarios(args, targets: dict[str, Target], run_id: str, meter: Cp
                     targets[name], concurrency=c, stream=stream, client=args.client, model=args.model,
                     max_tokens=args.max_tokens, timeout=args.timeout,
                     conversation_prefix=f"bench-{run_id}-{'s' if stream else 'n'}{c}",
-                    per_request_conversation=args.conversation == "per-request",
+                    per_request_conversation=args.conversation == "per-request", ramp_s=args.ramp_s,
                 )
                 try:
                     log(f"  {label} {name}: warm-up {warmup}, then {n} requests (cap {args.duration:g}s)")
@@ -865,6 +869,7 @@ def machine_info(args, db: dict) -> dict:
         "load_client": args.client,
         "simulator_latency_ms": args.sim_latency_ms,
         "simulator_jitter_ms": args.sim_jitter_ms,
+        "ramp_s": args.ramp_s,
         "gateway_redis": bool(args.redis_url or os.environ.get("REDIS_URL")),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
@@ -908,7 +913,9 @@ def print_report(info: dict, results: list[dict], check: dict) -> None:
         + (f" (synchronous_commit={db['synchronous_commit']}, fsync={db['fsync']})" if "fsync" in db else "")
     )
     print(f"load average before the run: {info['loadavg_at_start']}")
-    print(f"load: closed loop, one keep-alive connection per worker, client={info['load_client']}; "
+    print(f"load: closed loop, one keep-alive connection per worker, client={info['load_client']}"
+          + (f", workers started over {info['ramp_s']:g} s" if info.get("ramp_s") else ", workers started together")
+          + "; "
           f"simulator --latency-ms {info['simulator_latency_ms']:g}"
           + (f" --jitter-ms {info['simulator_jitter_ms']:g}" if info.get("simulator_jitter_ms") else "")
           + "; latency = request sent -> full answer read; "
@@ -988,6 +995,10 @@ def parse_args(argv=None):
     p.add_argument("--sim-jitter-ms", type=float, default=0.0,
                    help="spread the simulator's think time uniformly over latency +/- this (default 0: every answer "
                         "takes exactly --sim-latency-ms, which keeps a closed loop's clients in lockstep waves)")
+    p.add_argument("--ramp-s", type=float, default=0.0, metavar="S",
+                   help="start the C workers evenly spread over S seconds in each phase (default 0: all at once; "
+                        "with a constant provider latency they then stay in lockstep waves, the worst case); "
+                        "the provider latency is a natural choice")
     p.add_argument("--model", default="gpt-4o-mini")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds")
@@ -1112,7 +1123,7 @@ def main(argv=None) -> int:
                 "concurrency": args.concurrency, "requests": args.requests, "duration_s": args.duration,
                 "warmup": args.warmup, "stream": args.stream, "model": args.model, "max_tokens": args.max_tokens,
                 "conversation": args.conversation, "gateway_env": args.gateway_env, "targets": args.targets,
-                "workers": args.workers, "client": args.client, "sim_latency_ms": args.sim_latency_ms, "sim_jitter_ms": args.sim_jitter_ms,
+                "workers": args.workers, "client": args.client, "sim_latency_ms": args.sim_latency_ms, "sim_jitter_ms": args.sim_jitter_ms, "ramp_s": args.ramp_s,
                 "asgi_app": args.asgi_app, "database_url": args.database_url,
             },
             "results": results,
