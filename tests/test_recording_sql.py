@@ -256,3 +256,79 @@ def test_batch_where_a_later_item_no_longer_fits_is_written_again_one_by_one():
     assert second.error is None and second.result["exceeded"]["unit"] == "usd"
     assert list(ProviderCall.objects.filter(application=app).values_list("request_id", flat=True)) == ["one"]
     assert BudgetPeriod.objects.get(budget=budgets[0]).reserved_usd == D("0.000600")
+
+
+def _batch_or_single(slug: str, price, *, batched: bool) -> dict:
+    """The same requests opened and finished in one transaction each, or as
+    one batch per phase: holds on shared period rows, a refusal in the middle,
+    a hold the reaper expired, a settlement and a release."""
+    from budgets.services import expire_stale_reservations
+    from django.utils import timezone
+
+    from conversations import recording_sql
+
+    app, key, budgets = _world(slug)
+    names = {b.pk: b.name.replace(slug, "APP") for b in budgets}
+
+    def request(n, *, hold=D("0.000200"), user="alice"):
+        return recording_sql.OpenRequest.of(
+            budgets=budgets, hold_usd=hold, hold_tokens=900, ttl_s=120, request_id=f"r{n}", api_key=key,
+            conversation_external_id=f"conv-{n % 2}", end_user=user, step="", stream=False, model_requested="gpt-4o-mini",
+            model_used="gpt-4o-mini", parameters={}, messages=MESSAGES, price=price, estimated_prompt_tokens=40,
+            token_count_is_estimate=False, provider_base_url="http://127.0.0.1:1/v1",
+        )
+
+    def periods(rows):
+        return [{**{k: v for k, v in row.items() if k not in ("id", "budget_id")}, "budget": names[row["budget_id"]]}
+                for row in rows or ()]
+
+    # r0 is opened first and its hold expires before the others open
+    late = request(0)
+    late_call, _ = recording_sql.opened_call(recording_sql._fetch(recording_sql.OPEN_ONE, late.payload), late)
+    expire_stale_reservations(now=timezone.now() + timezone.timedelta(seconds=600))
+
+    requests = [request(1), request(2, user="bob"), request(3, hold=D("0.002")), request(4, user="bob")]
+    payloads = [r.payload for r in requests]
+    if batched:
+        opened = recording_sql._fetch(recording_sql.OPEN_MANY, payloads)
+    else:
+        opened = [recording_sql._fetch(recording_sql.OPEN_ONE, p) for p in payloads]
+    out = {"opened": [periods(o.get("periods")) if "call_id" in o else o["exceeded"]["unit"] for o in opened]}
+    calls = {r.payload["request_id"]: recording_sql.opened_call(o, r)[0] for r, o in zip(requests, opened) if "call_id" in o}
+
+    failed = _result(status="failed", outcome="failed", http_status=502, prompt_tokens=None, completion_tokens=None,
+                     cached_tokens=None, usage_source="none", content="", error_type="api_error", error_code="upstream_error")
+    finishing = [(late_call, _result()), (calls["r1"], _result()), (calls["r2"], failed),
+                 (calls["r4"], _result(prompt_tokens=300, completion_tokens=20, cached_tokens=0))]
+    payloads = [recording_sql.finish_payload(call=c, result=r)[0] for c, r in finishing]
+    if batched:
+        finished = recording_sql._fetch(recording_sql.FINISH_MANY, payloads)
+    else:
+        finished = [recording_sql._fetch(recording_sql.FINISH_ONE, p) for p in payloads]
+    out["finished"] = [{**f, "periods": periods(f["periods"])} for f in finished]
+    out["rows"] = _snapshot(app)
+    return out
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_holds_and_settles_what_its_calls_one_by_one_would():
+    """A batch reads and writes each period row once; every item still sees
+    the rows as they stood after its own hold or settlement, and the books
+    end the same as when each call had its own transaction."""
+    _, price = make_model()
+    single = _batch_or_single("single", price, batched=False)
+    batch = _batch_or_single("batch", price, batched=True)
+
+    assert batch["opened"] == single["opened"]
+    assert batch["finished"] == single["finished"]
+    for key in ("calls", "messages", "conversations", "reservations", "periods"):
+        assert batch["rows"][key] == single["rows"][key], key
+    # the figures a reader expects: r1, r2 and r4 held in turn, r3 refused over the USD cap
+    app_holds = [next(p["reserved_usd"] for p in o if p["budget"] == "APP app") for o in batch["opened"] if o != "usd"]
+    assert [Decimal(v) for v in app_holds] == [D("0.0002"), D("0.0004"), D("0.0006")]
+    assert batch["opened"][2] == "usd"
+    assert [f["recorded"] for f in batch["finished"]] == [False, True, True, True]
+    app_period = next(p for scope, _, p in batch["rows"]["periods"] if scope == "application")
+    assert app_period["reserved_usd"] == 0 and app_period["spent_usd"] > 0
+    statuses = sorted(r["status"] for r in batch["rows"]["reservations"])
+    assert statuses == ["released"] * 3 + ["settled"] * 9
