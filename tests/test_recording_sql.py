@@ -332,3 +332,31 @@ def test_a_batch_holds_and_settles_what_its_calls_one_by_one_would():
     assert app_period["reserved_usd"] == 0 and app_period["spent_usd"] > 0
     statuses = sorted(r["status"] for r in batch["rows"]["reservations"])
     assert statuses == ["released"] * 3 + ["settled"] * 9
+
+
+def _index_scans(name: str) -> int:
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_stat_clear_snapshot()")
+        cur.execute("SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = %s", [name])
+        return cur.fetchone()[0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_finishing_a_call_looks_it_up_by_id_not_through_every_call_in_flight():
+    """The partial index of calls in progress matches the finish's status
+    test; used for the lookup, it made every finish walk every call in flight
+    and every entry finished calls left there until the next vacuum."""
+    _, price = make_model()
+    app, key, budgets = _world("lookup")
+    calls = [_open(key, budgets[1:2], price, request_id=f"in-flight-{n}", tokens=100)[0] for n in range(5)]
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_stat_force_next_flush()")
+    before = _index_scans("call_in_progress_idx"), _index_scans("conversations_providercall_pkey")
+    for call in calls:
+        assert services.finish_call(call=call, result=_result()).recorded
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_stat_force_next_flush()")
+    after = _index_scans("call_in_progress_idx"), _index_scans("conversations_providercall_pkey")
+    assert after[0] == before[0], "a finish scanned the calls in progress"
+    assert after[1] >= before[1] + len(calls)
+    assert ProviderCall.objects.filter(application=app, status="succeeded").count() == 5
