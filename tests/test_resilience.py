@@ -220,6 +220,45 @@ def test_client_disconnect_mid_stream_is_recorded_as_cancelled(transactional_db,
     assert entries[-1]["completed"] is False, "the provider stream was closed, not read to the end"
 
 
+@pytest.mark.skipif(django_settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"), reason="holds a Postgres row lock")
+def test_client_gone_while_the_call_is_opened_leaves_no_hold_behind(gateway, sim, app_key):
+    """The client gives up while the call's open waits for the budget row:
+    the open completes all the same, so the call is closed as cancelled at
+    once and its hold released, not left in progress until the reaper."""
+    import psycopg
+    from django.db import connection
+
+    from budgets.models import Reservation
+
+    app, _, secret = app_key
+    budget = make_budget(application=app, limit_usd=Decimal("10"))
+    assert chat(gateway, secret, "first").status_code == 200  # the period row exists now
+    period = BudgetPeriod.objects.get(budget=budget)
+    spent = period.spent_usd
+    asked = len(sim_log(sim))
+
+    s = connection.settings_dict
+    raw = psycopg.connect(dbname=s["NAME"], user=s["USER"], host=s["HOST"] or None, port=s["PORT"] or None)
+    try:
+        raw.execute("SELECT 1 FROM budgets_budgetperiod WHERE id = %s FOR UPDATE", (period.pk,))
+        with pytest.raises(httpx.ReadTimeout):
+            chat(gateway, secret, "gone-early", timeout=1.0)
+    finally:
+        raw.rollback()
+        raw.close()
+
+    deadline = time.monotonic() + 10
+    while not ProviderCall.objects.filter(request_id="gone-early").exclude(status="in_progress").exists():
+        assert time.monotonic() < deadline, "the abandoned call stayed in progress"
+        time.sleep(0.05)
+    call = ProviderCall.objects.get(request_id="gone-early")
+    assert (call.status, call.http_status, call.error_code) == ("cancelled", 499, "client_disconnected")
+    assert call.cost_usd is None and len(sim_log(sim)) == asked, "the provider was never asked"
+    assert list(Reservation.objects.filter(call=call).values_list("status", flat=True)) == ["released"]
+    period.refresh_from_db()
+    assert period.reserved_usd == 0 and period.spent_usd == spent
+
+
 # --- infrastructure going away -----------------------------------------------------
 
 def _gateway_process(env_overrides):

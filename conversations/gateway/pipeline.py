@@ -157,6 +157,41 @@ async def _finish_with_retries(call: services.OpenedCall, result: services.CallR
             await asyncio.sleep(delay)
 
 
+_abandoned: set[asyncio.Task] = set()  # closings of calls whose client left during admission
+
+
+async def _admit(**request) -> Admitted:
+    """admit_async, carried to its end even when the client goes away
+    meanwhile. Its database work (on a thread, or in a group-commit
+    transaction) goes on and may open the call all the same; nobody would
+    finish that call, and its budget holds would stay until the reaper
+    expired them. Such a call is closed as cancelled as soon as it is open."""
+    admission = asyncio.ensure_future(admit_async(**request))
+    try:
+        return await asyncio.shield(admission)
+    except asyncio.CancelledError:
+        admission.add_done_callback(lambda task: _close_abandoned(task, request["started"]))
+        raise
+
+
+def _close_abandoned(admission: asyncio.Task, started: float) -> None:
+    if admission.cancelled() or admission.exception() is not None:
+        return  # nothing was opened; a refusal is recorded as it stands
+    err = GatewayError(
+        499, "The client disconnected before the provider was asked.", "client_disconnected",
+        status=Status.CANCELLED, outcome=Outcome.FAILED,
+    )
+    closing = asyncio.ensure_future(_finish(admission.result(), _failure(err, started)))
+    _abandoned.add(closing)
+    closing.add_done_callback(_closed)
+
+
+def _closed(closing: asyncio.Task) -> None:
+    _abandoned.discard(closing)
+    if not closing.cancelled() and closing.exception() is not None:
+        log.error("gateway.abandoned_call_not_closed", error=type(closing.exception()).__name__)
+
+
 def _headers(resp: HttpResponse, request_id: str, outcome: str, admitted: Admitted) -> HttpResponse:
     resp["X-Request-ID"] = request_id
     resp["X-Governance-Outcome"] = outcome
@@ -192,9 +227,7 @@ async def _handle(request, started: float) -> HttpResponse:
     headers = Headers.from_meta(request.META)
     chat, body_error = _read_body(request)
     try:
-        admitted = await admit_async(
-            request_id=request_id, headers=headers, chat=chat, body_error=body_error, started=started
-        )
+        admitted = await _admit(request_id=request_id, headers=headers, chat=chat, body_error=body_error, started=started)
     except PoliteRefusal as refusal:
         log.info("gateway.refused_politely", code=refusal.code)
         return _polite_reply(refusal, chat, request_id)
@@ -221,7 +254,7 @@ async def complete_for_api(
     started = time.perf_counter()
     headers = Headers(authorization="", conversation_id=conversation_external_id, end_user="", step="")
     try:
-        admitted = await admit_async(
+        admitted = await _admit(
             request_id=request_id, headers=headers, chat=chat, body_error=None, started=started, api_key=api_key
         )
     except GatewayError as err:
