@@ -397,7 +397,7 @@ class ProviderCallAdmin(ReadOnlyAdminMixin, RequestAwareAdmin):
     ]
     list_filter = ["application", "status", "outcome", CallModelFilter, "stream"]
     date_hierarchy = "created_at"
-    search_fields = ["=request_id"]
+    search_fields = ["request_id__exact"]  # case-sensitive, so the index answers it
     search_help_text = "A request id (exact)."
     list_select_related = ["application"]
     list_per_page = 50

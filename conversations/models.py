@@ -74,7 +74,7 @@ class ProviderCall(models.Model):
         BLOCKED = "blocked", "Blocked"
         FAILED = "failed", "Failed"
 
-    request_id = models.CharField(max_length=128, db_index=True)
+    request_id = models.CharField(max_length=128)  # indexed below, without a LIKE twin
     # db_index=False: call_app_time_idx (application, -created_at) serves application lookups.
     application = models.ForeignKey(
         Application, null=True, blank=True, on_delete=models.PROTECT, related_name="calls", db_index=False
@@ -132,6 +132,7 @@ class ProviderCall(models.Model):
         indexes = [
             models.Index(fields=["application", "-created_at"], name="call_app_time_idx"),
             models.Index(fields=["outcome", "-created_at"], name="call_outcome_time_idx"),
+            models.Index(fields=["request_id"], name="call_request_id_idx"),
             models.Index(
                 fields=["created_at"],
                 name="call_in_progress_idx",

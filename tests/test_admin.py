@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import pytest
 from django.contrib.auth.models import Group
+from django.db import connection
 from django.contrib.messages import get_messages
 from django.urls import reverse
 from django.utils import timezone
@@ -332,12 +333,28 @@ def test_call_filters_and_search(client, auditor, conversation, other_conversati
         return {c.request_id for c in response.context["cl"].result_list}
 
     assert ids({"q": "req_pw_2"}) == {"req_pw_2"}
+    assert ids({"q": "REQ_PW_2"}) == set(), "request ids are matched exactly"
     assert ids({"status__exact": "refused"}) == {"req_bad_key"}
     assert ids({"outcome__exact": "degraded"}) == {"req_inv_2"}
     assert ids({"model_used": "gpt-4o"}) == {"req_inv_1", "req_inv_2"}
     assert ids({"application__id__exact": other_conversation.application_id}) == {"req_inv_1", "req_inv_2"}
     assert ids({"conversation__id__exact": conversation.pk}) == {"req_pw_1", "req_pw_2", "req_pw_3"}
     assert ids({"stream__exact": "0"}) == {"req_pw_1", "req_pw_2", "req_pw_3", "req_inv_1", "req_inv_2", "req_bad_key"}
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="reads a Postgres query plan")
+def test_call_search_by_request_id_is_answered_by_its_index(client, auditor, conversation):
+    """Among millions of calls the search must not read them all: an
+    iexact search (UPPER(request_id) = UPPER(...)) could not use the index."""
+    client.force_login(auditor)
+    queryset = client.get(url("conversations_providercall_changelist"), {"q": "req_pw_2"}).context["cl"].queryset
+    with connection.cursor() as cur:
+        cur.execute("SET enable_seqscan = off")
+        try:
+            plan = queryset.explain()
+        finally:
+            cur.execute("RESET enable_seqscan")
+    assert "call_request_id_idx" in plan, plan
 
 
 # --- Traffic is read-only for everyone -------------------------------------------------------
