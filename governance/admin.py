@@ -44,6 +44,7 @@ admin.site.enable_nav_sidebar = False
 
 # Fields whose values never appear on any admin screen, history diffs included.
 SECRET_FIELDS = frozenset({"key_hash", "provider_api_key"})
+DERIVED_FIELDS = frozenset({"provider_key_fingerprint"})  # set by the model, shown read-only
 
 
 # --- Shared helpers -----------------------------------------------------------------------
@@ -433,7 +434,9 @@ class FallbackRouteInline(CatalogueModelInline):
     def key_status(self, obj: FallbackRoute) -> str:
         if obj is None or obj.pk is None:
             return "—"
-        return "stored (never displayed)" if obj.provider_api_key else "none: the application's"
+        if not obj.provider_api_key:
+            return "none: the application's"
+        return f"stored, {obj.provider_key_fingerprint} (never displayed)"
 
 
 @admin.register(Application)
@@ -493,7 +496,7 @@ class ApplicationAdmin(HistoryAdmin):
         others = [
             f.name
             for f in Application._meta.fields
-            if f.editable and not f.primary_key and f.name not in placed and f.name not in SECRET_FIELDS
+            if f.editable and not f.primary_key and f.name not in placed and f.name not in SECRET_FIELDS | DERIVED_FIELDS
         ]
         if others:
             fieldsets.append(("Other", {"fields": others}))
@@ -516,7 +519,7 @@ class ApplicationAdmin(HistoryAdmin):
     def provider_key_status(self, obj: Application) -> str:
         if obj is None or not obj.provider_api_key:
             return "None: uses OPENAI_API_KEY"
-        return "A key is stored (never displayed)"
+        return f"A key is stored, fingerprint {obj.provider_key_fingerprint} (the key is never displayed)"
 
 
 # --- API keys -----------------------------------------------------------------------------

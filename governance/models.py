@@ -1,5 +1,6 @@
 """Applications (the bots this platform governs) and their API keys."""
 
+import hashlib
 from decimal import Decimal
 
 from django.conf import settings
@@ -9,7 +10,32 @@ from django.db import models
 from simple_history.models import HistoricalRecords
 
 
-class Application(models.Model):
+def key_fingerprint(secret: str) -> str:
+    """Names a stored provider key without revealing it, so history shows
+    when it was replaced or removed (the key itself is never historized)."""
+    return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()[:12] if secret else ""
+
+
+class ProviderKeyFingerprint(models.Model):
+    """A provider_api_key's fingerprint, kept in step on every save (editable
+    only so that history diffs show it; no form has it: admin.DERIVED_FIELDS)."""
+
+    provider_key_fingerprint = models.CharField(
+        max_length=24, blank=True, help_text="Which provider key is stored, never the key itself."
+    )
+
+    class Meta:
+        abstract = True
+
+    def save(self, *args, **kwargs):
+        self.provider_key_fingerprint = key_fingerprint(self.provider_api_key)
+        update_fields = kwargs.get("update_fields")
+        if update_fields is not None and "provider_api_key" in update_fields:
+            kwargs["update_fields"] = {*update_fields, "provider_key_fingerprint"}
+        super().save(*args, **kwargs)
+
+
+class Application(ProviderKeyFingerprint):
     class Status(models.TextChoices):
         DRAFT = "draft", "Draft"
         PILOT = "pilot", "Pilot"
@@ -137,7 +163,7 @@ class ApiKey(models.Model):
         return self.revoked_at is not None
 
 
-class FallbackRoute(models.Model):
+class FallbackRoute(ProviderKeyFingerprint):
     """Where to go, in order, when the application's primary model fails."""
 
     application = models.ForeignKey(Application, on_delete=models.CASCADE, related_name="fallbacks")

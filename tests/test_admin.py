@@ -18,7 +18,7 @@ from django.utils import timezone
 from budgets.models import ModelPrice
 from conversations.models import Conversation, Message
 from conversations.selectors import conversation_timeline, search_conversations, split_requests
-from governance.models import ApiKey, Application
+from governance.models import ApiKey, Application, key_fingerprint
 from governance.roles import AUDITOR, MANAGER, ON_CALL, ROLES, SUPPORT_AGENT, sync_roles
 from governance.services import create_api_key, hash_key
 from tests.factories import (
@@ -595,10 +595,20 @@ def test_provider_key_is_never_displayed_and_kept_when_blank(client, superuser, 
     client.post(url("governance_application_change", app.pk), application_form(client, app, provider_api_key="sk-new-key"))
     app.refresh_from_db()
     assert app.provider_api_key == "sk-new-key"
+    replaced = app.history.latest()
+    assert replaced.history_user == manager and replaced.provider_key_fingerprint == key_fingerprint("sk-new-key")
+    assert replaced.diff_against(replaced.prev_record).changed_fields == ["provider_key_fingerprint"]
 
     client.post(url("governance_application_change", app.pk), application_form(client, app, clear_provider_api_key="on"))
     app.refresh_from_db()
     assert app.provider_api_key == ""
+    assert app.history.latest().provider_key_fingerprint == ""
+
+    # The history screen says when the key changed, and never what it is.
+    client.force_login(auditor)
+    history = client.get(url("governance_application_history", app.pk)).content.decode()
+    assert key_fingerprint("sk-new-key") in history
+    assert "sk-new-key" not in history and secret not in history
 
 
 def test_application_default_model_must_be_catalogued(client, manager, app):

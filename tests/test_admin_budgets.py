@@ -20,7 +20,7 @@ from budgets import forecast
 from budgets.admin import short_when
 from budgets.models import Budget, BudgetPeriod, CostEvent, CostRegressionRule, DegradationRule, LanguageModel, StepPolicy
 from budgets.services import reserve, settle
-from governance.models import FallbackRoute
+from governance.models import FallbackRoute, key_fingerprint
 from governance.roles import AUDITOR, MANAGER, ON_CALL, SUPPORT_AGENT
 from governance.services import create_api_key, revoke_api_key
 from tests.budget_helpers import D, make_budget, make_call
@@ -405,6 +405,7 @@ def test_manager_builds_a_ladder_step_policy_and_fallback(client, manager, app):
     fallback = FallbackRoute.objects.get(application=app)
     assert fallback.model == "gpt-4o" and fallback.provider_api_key == "sk-fallback-123"
     assert fallback.history.get().history_user == manager
+    assert fallback.history.get().provider_key_fingerprint == key_fingerprint("sk-fallback-123")
 
     # Deleting a rung is allowed (history keeps it), and names the manager.
     data = form_data(client, url("governance_application_change", app.pk))
@@ -487,7 +488,7 @@ def test_fallback_provider_key_is_never_displayed(client, superuser, manager, au
             response = client.get(page)
             assert response.status_code == 200, page
             assert secret not in response.content.decode(), (user.username, page)
-        assert "stored (never displayed)" in client.get(url("governance_application_change", app.pk)).content.decode()
+        assert "(never displayed)" in client.get(url("governance_application_change", app.pk)).content.decode()
 
     # Saving the application without typing a key keeps it; a new one replaces it; the box removes it.
     client.force_login(manager)
