@@ -68,7 +68,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Callable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:
@@ -249,21 +249,16 @@ def _is_loopback(host: str) -> bool:
 
 def ensure_database(url: str) -> None:
     """Create the Postgres database named in ``url`` if it does not exist."""
-    parts = urlsplit(url)
-    if not parts.scheme.startswith("postgres"):
+    if not urlsplit(url).scheme.startswith("postgres"):
         return
-    import psycopg
-    from psycopg import sql
+    from governance.dbsetup import DatabaseUnreachable, Target, ensure_postgres_database
 
-    dbname = parts.path.lstrip("/")
-    if not dbname:
-        raise SystemExit("--database-url names no database")
-    admin_url = urlunsplit((parts.scheme, parts.netloc, "/postgres", parts.query, parts.fragment))
-    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
-        if not exists:
-            log(f"creating database {dbname}")
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    target = Target.from_url(url)
+    try:
+        if ensure_postgres_database(target):
+            log(f"created database {target.name}")
+    except DatabaseUnreachable as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def migrate(env: dict) -> None:

@@ -19,7 +19,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.core.management import call_command
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from budgets.catalogue import seed_catalogue
 from conversations.demo import seed_history
@@ -38,7 +38,23 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=8000)
         parser.add_argument("--no-demo-data", action="store_true", help="skip the demo conversations")
 
+    def _ensure_database(self) -> None:
+        """On Postgres, create the database if it is missing, and say plainly
+        when the server cannot be reached (the pool would only time out)."""
+        from governance.dbsetup import DatabaseUnreachable, Target, ensure_postgres_database
+
+        db = settings.DATABASES["default"]
+        if db["ENGINE"] != "django.db.backends.postgresql":
+            return
+        target = Target.from_settings(db)
+        try:
+            if ensure_postgres_database(target):
+                self.stdout.write(f"Created the PostgreSQL database '{target.name}' on {target.where()}.")
+        except DatabaseUnreachable as exc:
+            raise CommandError(str(exc)) from None
+
     def handle(self, *args, serve, host, port, no_demo_data, **options):
+        self._ensure_database()
         call_command("migrate", interactive=False, verbosity=0)
         User = get_user_model()
         password = secrets.token_urlsafe(9)
