@@ -841,6 +841,20 @@ async def run_scenarios(args, targets: dict[str, Target], run_id: str, meter: Cp
 # --- report --------------------------------------------------------------------
 
 
+def cpu_calibration_ms() -> float:
+    """How long this machine takes, right now, for a fixed pure-Python loop
+    (the best of three). Shared VMs vary two- to threefold between hours;
+    printed with every run, it says which figures can be compared."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(2_000_000):
+            total += i
+        best = min(best, time.perf_counter() - t0)
+    return round(best * 1000, 1)
+
+
 def machine_info(args, db: dict) -> dict:
     import django
     import uvicorn
@@ -867,6 +881,7 @@ def machine_info(args, db: dict) -> dict:
         "ramp_s": args.ramp_s,
         "gateway_redis": bool(args.redis_url or os.environ.get("REDIS_URL")),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "cpu_calibration_ms_at_start": cpu_calibration_ms(),
     }
 
 
@@ -907,7 +922,8 @@ def print_report(info: dict, results: list[dict], check: dict) -> None:
         f"database {db.get('version', db['vendor'])}"
         + (f" (synchronous_commit={db['synchronous_commit']}, fsync={db['fsync']})" if "fsync" in db else "")
     )
-    print(f"load average before the run: {info['loadavg_at_start']}")
+    print(f"load average before the run: {info['loadavg_at_start']}; CPU calibration (2M-iteration Python loop, best of 3): "
+          f"{info['cpu_calibration_ms_at_start']} ms at start, {info.get('cpu_calibration_ms_at_end', '?')} ms at the end")
     print(f"load: closed loop, one keep-alive connection per worker, client={info['load_client']}"
           + (f", workers started over {info['ramp_s']:g} s" if info.get("ramp_s") else ", workers started together")
           + "; "
@@ -1109,6 +1125,7 @@ def main(argv=None) -> int:
         "consistent": by_status.get("succeeded", 0) == answered and not by_status.get("in_progress")
         and "unavailable" not in by_status,
     }
+    info["cpu_calibration_ms_at_end"] = cpu_calibration_ms()
     print_report(info, results, check)
     if args.json_path:
         out = {
