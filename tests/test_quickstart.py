@@ -7,6 +7,7 @@ import re
 
 import pytest
 from django.contrib.auth import authenticate
+from django.contrib.auth.models import Group
 from django.core.management import call_command
 from django.db import connection
 
@@ -25,12 +26,14 @@ def _quickstart(**options) -> str:
 
 @pytest.mark.django_db(transaction=True)
 def test_quickstart_prints_working_logins_and_key_and_runs_again_safely():
+    Group.objects.all().delete()  # a database whose role groups went missing gets them back
     text = _quickstart(port=8123)
     assert "http://127.0.0.1:8123/admin/" in text and "http://127.0.0.1:8123/v1" in text
     password = re.search(r"password: (\S+)", text).group(1)
     secret = re.search(r"API key:\s+(\S+)", text).group(1)
     assert authenticate(username="admin", password=password).is_superuser
     assert authenticate(username="manager", password=password).groups.filter(name="Manager").exists()
+    assert authenticate(username="reviewer", password=password).has_perm("conversations.view_conversation")
     assert key_for_secret(secret=secret).application.slug == "support-bot"
     assert Conversation.objects.exists() and ProviderCall.objects.exists(), "demo conversations to look at"
     calls = ProviderCall.objects.count()

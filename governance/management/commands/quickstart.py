@@ -24,6 +24,7 @@ from django.core.management.base import BaseCommand, CommandError
 from budgets.catalogue import seed_catalogue
 from conversations.demo import seed_history
 from governance.models import Application
+from governance.roles import sync_roles
 from governance.services import create_api_key
 
 DEMO_USERS = [("admin", None, True), ("manager", "Manager", False), ("auditor", "Auditor", False), ("reviewer", "Reviewer", False)]
@@ -56,6 +57,7 @@ class Command(BaseCommand):
     def handle(self, *args, serve, host, port, no_demo_data, **options):
         self._ensure_database()
         call_command("migrate", interactive=False, verbosity=0)
+        sync_roles()  # the role groups as the code defines them, whatever the database held
         User = get_user_model()
         password = secrets.token_urlsafe(9)
         admin = None
@@ -66,9 +68,7 @@ class Command(BaseCommand):
             user.set_password(password)
             user.save()
             if group:
-                g = Group.objects.filter(name=group).first()
-                if g:
-                    user.groups.add(g)
+                user.groups.add(Group.objects.get(name=group))
             if is_super:
                 admin = user
         seed_catalogue(actor=admin)
