@@ -38,9 +38,9 @@ class Conversation(models.Model):
     external_id = models.CharField(
         max_length=128, help_text="The bot's conversation id (X-Conversation-ID), or one the platform made."
     )
-    end_user = models.CharField(max_length=128, blank=True, db_index=True)
+    end_user = models.CharField(max_length=128, blank=True)  # indexed below, without a LIKE twin
     title = models.CharField(max_length=200, blank=True)
-    started_at = models.DateTimeField(db_index=True)
+    started_at = models.DateTimeField()  # nothing sorts or filters on it; every finish rewrote its index
     last_activity_at = models.DateTimeField(db_index=True)
     # Running totals, maintained with F() updates in the recording service.
     call_count = models.PositiveIntegerField(default=0)
@@ -52,6 +52,7 @@ class Conversation(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["application", "external_id"], name="conversation_id_per_app"),
         ]
+        indexes = [models.Index(fields=["end_user"], name="conversation_end_user_idx")]
 
     def __str__(self) -> str:
         return self.title or self.external_id

@@ -343,18 +343,25 @@ def test_call_filters_and_search(client, auditor, conversation, other_conversati
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="reads a Postgres query plan")
-def test_call_search_by_request_id_is_answered_by_its_index(client, auditor, conversation):
-    """Among millions of calls the search must not read them all: an
-    iexact search (UPPER(request_id) = UPPER(...)) could not use the index."""
+@pytest.mark.parametrize(
+    ("changelist", "query", "index"),
+    [
+        ("conversations_providercall_changelist", {"q": "req_pw_2"}, "call_request_id_idx"),
+        ("conversations_conversation_changelist", {"end_user": "alice@example.com"}, "conversation_end_user_idx"),
+    ],
+)
+def test_lookups_support_makes_are_answered_by_an_index(client, auditor, conversation, changelist, query, index):
+    """Among millions of calls or conversations these must not read them all:
+    an iexact search (UPPER(request_id) = UPPER(...)) could not use the index."""
     client.force_login(auditor)
-    queryset = client.get(url("conversations_providercall_changelist"), {"q": "req_pw_2"}).context["cl"].queryset
+    queryset = client.get(url(changelist), query).context["cl"].queryset
     with connection.cursor() as cur:
         cur.execute("SET enable_seqscan = off")
         try:
             plan = queryset.explain()
         finally:
             cur.execute("RESET enable_seqscan")
-    assert "call_request_id_idx" in plan, plan
+    assert index in plan, plan
 
 
 # --- Traffic is read-only for everyone -------------------------------------------------------
