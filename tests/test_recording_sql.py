@@ -342,10 +342,12 @@ def _index_scans(name: str) -> int:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_finishing_a_call_looks_it_up_by_id_not_through_every_call_in_flight():
+@pytest.mark.parametrize("sql_recording", [True, False], ids=["sql-functions", "orm"])
+def test_finishing_a_call_looks_it_up_by_id_not_through_every_call_in_flight(settings, sql_recording):
     """The partial index of calls in progress matches the finish's status
     test; used for the lookup, it made every finish walk every call in flight
     and every entry finished calls left there until the next vacuum."""
+    settings.GATEWAY = {**settings.GATEWAY, "SQL_RECORDING": sql_recording}
     _, price = make_model()
     app, key, budgets = _world("lookup")
     calls = [_open(key, budgets[1:2], price, request_id=f"in-flight-{n}", tokens=100)[0] for n in range(5)]
