@@ -16,6 +16,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def raw_connection(dbname: str | None = None, **kwargs):
+    """A psycopg connection of its own to the test database (or `dbname` on
+    the same server): another client, outside Django's connection handling."""
+    import psycopg
+    from django.db import connection
+
+    s = connection.settings_dict
+    return psycopg.connect(dbname=dbname or s["NAME"], user=s["USER"], host=s["HOST"] or None,
+                           port=s["PORT"] or None, password=s["PASSWORD"] or None, **kwargs)
+
+
 @pytest.fixture(scope="session")
 def simulator():
     from simulator.testing import start_simulator_process

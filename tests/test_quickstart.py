@@ -15,7 +15,7 @@ from conversations.models import Conversation, ProviderCall
 from governance.dbsetup import DatabaseUnreachable, Target, ensure_postgres_database
 from governance.models import ApiKey, Application
 from governance.selectors import key_for_secret
-from tests.conftest import free_port
+from tests.conftest import free_port, raw_connection
 
 
 def _quickstart(**options) -> str:
@@ -49,19 +49,16 @@ def test_quickstart_prints_working_logins_and_key_and_runs_again_safely():
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="creates a Postgres database")
 @pytest.mark.django_db
 def test_a_missing_postgres_database_is_created_once():
-    import psycopg
-
     target = Target.from_settings({**connection.settings_dict, "NAME": "governance_quickstart_probe"})
-    params = dict(user=target.user or None, host=target.host or None, port=target.port or None, autocommit=True)
-    with psycopg.connect(dbname="postgres", **params) as admin:
+    with raw_connection("postgres", autocommit=True) as admin:
         admin.execute("DROP DATABASE IF EXISTS governance_quickstart_probe")
     try:
         assert ensure_postgres_database(target) is True
         assert ensure_postgres_database(target) is False
-        with psycopg.connect(dbname="governance_quickstart_probe", **params) as conn:
+        with raw_connection("governance_quickstart_probe") as conn:
             assert conn.execute("SELECT current_database()").fetchone()[0] == "governance_quickstart_probe"
     finally:
-        with psycopg.connect(dbname="postgres", **params) as admin:
+        with raw_connection("postgres", autocommit=True) as admin:
             admin.execute("DROP DATABASE IF EXISTS governance_quickstart_probe")
 
 

@@ -13,6 +13,7 @@ from conversations import services
 from conversations.models import Conversation, Message, ProviderCall
 from governance.services import create_api_key
 from tests.budget_helpers import D, make_budget
+from tests.conftest import raw_connection
 from tests.factories import make_application, make_model
 
 pytestmark = pytest.mark.skipif(connection.vendor != "postgresql", reason="the SQL functions exist on Postgres only")
@@ -161,14 +162,6 @@ def test_without_prepared_statements_the_functions_write_the_same(settings):
         assert unprepared[key] == reference[key], key
 
 
-def _raw_connection():
-    import psycopg
-
-    s = connection.settings_dict
-    return psycopg.connect(dbname=s["NAME"], user=s["USER"], host=s["HOST"] or None, port=s["PORT"] or None,
-                           password=s["PASSWORD"] or None)
-
-
 def _wait_for_lock_waiter(raw, timeout=10.0):
     import time
 
@@ -198,7 +191,7 @@ def test_budget_filled_between_the_two_checks_refuses_and_writes_nothing():
     period = BudgetPeriod.objects.get(budget=budgets[0])
     races = metrics.BUDGET_RACES._value.get()
 
-    raw = _raw_connection()  # another request, holding the period row while it reserves almost everything left
+    raw = raw_connection()  # another request, holding the period row while it reserves almost everything left
     raw.execute("UPDATE budgets_budgetperiod SET reserved_usd = reserved_usd + 0.000850 WHERE id = %s", (period.pk,))
     outcome = {}
 
@@ -212,7 +205,7 @@ def test_budget_filled_between_the_two_checks_refuses_and_writes_nothing():
 
     thread = threading.Thread(target=second)
     thread.start()
-    watcher = _raw_connection()
+    watcher = raw_connection()
     _wait_for_lock_waiter(watcher)  # it passed the unlocked check and inserted, and now waits for the row
     raw.commit()
     thread.join(timeout=20)

@@ -18,7 +18,7 @@ from conversations.gateway import breaker
 from conversations.models import ProviderCall
 from governance.models import FallbackRoute
 from tests.budget_helpers import make_budget
-from tests.conftest import free_port
+from tests.conftest import free_port, raw_connection
 
 MESSAGES = [{"role": "user", "content": "Is my order shipped?"}]
 
@@ -225,9 +225,6 @@ def test_client_gone_while_the_call_is_opened_leaves_no_hold_behind(gateway, sim
     """The client gives up while the call's open waits for the budget row:
     the open completes all the same, so the call is closed as cancelled at
     once and its hold released, not left in progress until the reaper."""
-    import psycopg
-    from django.db import connection
-
     from budgets.models import Reservation
 
     app, _, secret = app_key
@@ -237,8 +234,7 @@ def test_client_gone_while_the_call_is_opened_leaves_no_hold_behind(gateway, sim
     spent = period.spent_usd
     asked = len(sim_log(sim))
 
-    s = connection.settings_dict
-    raw = psycopg.connect(dbname=s["NAME"], user=s["USER"], host=s["HOST"] or None, port=s["PORT"] or None)
+    raw = raw_connection()
     try:
         raw.execute("SELECT 1 FROM budgets_budgetperiod WHERE id = %s FOR UPDATE", (period.pk,))
         with pytest.raises(httpx.ReadTimeout):
