@@ -212,3 +212,40 @@ def test_stream_cut_midway_ends_with_error_event_and_partial_record(gateway, sim
     partial = "".join(received)
     assert partial and call.messages.get(direction="response").content == partial
     assert call.usage_source == "estimated" and call.completion_tokens > 0 and call.cost_usd > 0
+
+
+def _server_timing(header: str) -> dict[str, float]:
+    phases = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        phases[name] = float(dur)
+    return phases
+
+
+def test_answer_says_where_its_time_went(gateway, sim, app_key):
+    """Server-Timing splits a slow answer into the gateway's phases, so a
+    caller (or the load benchmark) can tell gateway queueing from provider time."""
+    _, _, secret = app_key
+    httpx.post(f"{sim.control_url}/faults", json={"faults": [], "latency_ms": 300}).raise_for_status()
+    raw = client(gateway, secret).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
+    phases = _server_timing(raw.headers["server-timing"])
+    # "open" is its own phase where the open is group-committed (Postgres);
+    # on the ORM path it is part of admission.
+    assert {"admit", "provider", "record", "total"} <= set(phases) <= {"admit", "open", "provider", "record", "total"}
+    assert 300 <= phases["provider"] < 2000
+    assert all(v >= 0 for v in phases.values())
+    assert phases["total"] >= sum(v for k, v in phases.items() if k != "total") - 1
+    call = ProviderCall.objects.get(request_id=raw.headers["x-request-id"])
+    assert abs(call.latency_ms - phases["total"]) <= phases["record"] + 5  # the record was written before the answer left
+
+
+def test_failed_answer_has_no_misleading_timing(gateway, sim, app_key):
+    app, _, secret = app_key
+    app.max_retries = 0
+    app.save()
+    httpx.post(f"{sim.control_url}/faults", json={"faults": ["500"]}).raise_for_status()
+    with pytest.raises(openai.APIStatusError) as info:
+        client(gateway, secret).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    phases = _server_timing(info.value.response.headers["server-timing"])
+    assert "provider" not in phases and "record" not in phases
+    assert phases["admit"] >= 0

@@ -10,7 +10,7 @@ leaves a record, and a refused one leaves nothing else.
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.utils import timezone
@@ -91,6 +91,10 @@ class Admitted:
     failure_reply: str = "error"
     slow_message: str = ""
     down_message: str = ""
+    # Milliseconds per phase, for the Server-Timing header: where a slow
+    # answer spent its time (waiting for a database thread, the open's
+    # transaction, the provider, the record) is visible to the caller.
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 def _elapsed_ms(started: float) -> int:
@@ -297,15 +301,26 @@ async def admit_async(**request) -> Admitted:
     loop, not on a database thread; a lone one is opened in the same section."""
     from conversations import recording_sql
 
+    t0 = time.perf_counter()
     if not services.sql_recording():
-        return await db_section(admit, **request)
+        admitted = await db_section(admit, **request)
+        admitted.timing["admit"] = _ms_since(t0)
+        return admitted
     pending, open_request, opened = await db_section(_prepare_and_open_if_idle, **request)
+    t1 = time.perf_counter()
     if opened is None:
         try:
             opened = await recording_sql.open_call_with_holds_async(open_request)
         except BudgetExceeded as exc:
             raise (await db_section(pending.over_budget, exc=exc)) from None
-    return pending.admitted(*opened)
+    admitted = pending.admitted(*opened)
+    admitted.timing["admit"] = round((t1 - t0) * 1000, 1)
+    admitted.timing["open"] = _ms_since(t1)
+    return admitted
+
+
+def _ms_since(t: float) -> float:
+    return round((time.perf_counter() - t) * 1000, 1)
 
 
 def _prepare_and_open_if_idle(**request) -> tuple:

@@ -196,6 +196,8 @@ def _headers(resp: HttpResponse, request_id: str, outcome: str, admitted: Admitt
     resp["X-Request-ID"] = request_id
     resp["X-Governance-Outcome"] = outcome
     resp["X-Conversation-ID"] = admitted.conversation_external_id
+    if admitted.timing:
+        resp["Server-Timing"] = ", ".join(f"{name};dur={ms:g}" for name, ms in admitted.timing.items())
     return resp
 
 
@@ -271,12 +273,14 @@ async def _complete(admitted: Admitted, request_id: str, started: float) -> Http
         cached = _cached(admitted)
         if cached is not None:
             return await _answer(admitted, request_id, started, cached, admitted.routes[0], attempts, cache_hit=True)
+        asking = time.perf_counter()
         try:
             sent = await send(routes=admitted.routes, policy=admitted.policy, attempts=attempts, stream=False)
         except AttemptsFailed as failed:
             result = _failure(failed.err, started, attempts=attempts.items)
             return await _error_reply(admitted, result, failed, request_id, stream=False)
         result = True
+        admitted.timing["provider"] = round((time.perf_counter() - asking) * 1000, 1)
         _store_cached(admitted, sent.raw)
         return await _answer(admitted, request_id, started, sent.raw, sent.route, attempts, body=sent.body)
     except asyncio.CancelledError:
@@ -320,11 +324,14 @@ async def _answer(admitted, request_id, started, raw: bytes, route, attempts, *,
         result.provider_latency_ms = 0
         result.decisions.append({"kind": "cache_hit", "provider_cost_usd": "0"})
     result.latency_ms = _ms(started)
+    recording = time.perf_counter()
     try:
         await _finish(admitted, result)
     except DatabaseError:
         log.exception("gateway.record_failed", call_id=admitted.call_id)
         return _recording_failed(request_id)
+    admitted.timing["record"] = round((time.perf_counter() - recording) * 1000, 1)
+    admitted.timing["total"] = round((time.perf_counter() - started) * 1000, 1)
     log.info("gateway.answered", call_id=admitted.call_id, tokens=(result.prompt_tokens, result.completion_tokens), latency_ms=result.latency_ms, cache_hit=cache_hit)
     resp = HttpResponse(raw, content_type="application/json")
     return _headers(resp, request_id, result.outcome, admitted)
