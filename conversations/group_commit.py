@@ -29,6 +29,7 @@ import contextlib
 import threading
 from collections.abc import Callable
 
+from django.conf import settings
 from django.db import DatabaseError, connection
 
 from conversations.gateway import metrics
@@ -76,17 +77,26 @@ def _server_rejected(exc: DatabaseError) -> bool:
 
 class GroupCommit:
     def __init__(
-        self, *, name: str, single: Callable[[dict], dict], batch: Callable[[list[dict]], list[dict]], max_batch: int = 64
+        self,
+        *,
+        name: str,
+        single: Callable[[dict], dict],
+        batch: Callable[[list[dict]], list[dict]],
+        max_batch: int | None = None,
     ):
         self.name = name
         self._single = single
         self._batch = batch
-        self._max = max_batch
+        self._max_batch = max_batch  # None: settings.GATEWAY["GROUP_COMMIT_MAX_BATCH"], read when writing
         self._lock = threading.Lock()
         self._queue: list[_Item] = []
         self._leading = False
         self._waiting: list[_Item] = []  # requests on the event loop
         self._draining = False
+
+    @property
+    def _max(self) -> int:
+        return max(1, self._max_batch or settings.GATEWAY["GROUP_COMMIT_MAX_BATCH"])
 
     async def submit_async(self, payload: dict, *, order: tuple = ()) -> dict:
         """From the event loop: the request waits for the transaction that
@@ -132,11 +142,11 @@ class GroupCommit:
             self._fail_waiting(exc)
 
     def _drain(self) -> None:
+        limit = self._max
         try:
             while True:
                 with self._lock:
-                    batch = self._waiting[: self._max]
-                    del self._waiting[: self._max]
+                    batch, self._waiting = self._waiting[:limit], self._waiting[limit:]
                     if not batch:
                         self._draining = False
                         return
@@ -173,10 +183,10 @@ class GroupCommit:
         return item.outcome()
 
     def _lead(self, mine: _Item) -> None:
+        limit = self._max
         while True:
             with self._lock:
-                batch = self._queue[: self._max]
-                del self._queue[: self._max]
+                batch, self._queue = self._queue[:limit], self._queue[limit:]
             if batch:
                 self._write(batch, leader=mine)
             with self._lock:

@@ -89,6 +89,19 @@ def test_writes_arriving_meanwhile_share_one_transaction_in_lock_order():
     assert not writer._leading and not writer._queue
 
 
+def test_the_largest_batch_is_a_setting(settings):
+    """GATEWAY_GROUP_COMMIT_MAX_BATCH caps how many waiting writes one
+    transaction takes; the rest go in the next ones, in the same order."""
+    settings.GATEWAY = {**settings.GATEWAY, "GROUP_COMMIT_MAX_BATCH": 2}
+    rec = Recorder()
+    writer = GroupCommit(name="test", single=rec.single, batch=rec.batch)
+    results = _run_burst(writer, rec)
+    assert [len(b) for b in rec.batches] == [2, 2] and len(rec.singles) == 2  # the first, then 2 + 2 + 1
+    assert sorted([*sum(rec.batches, []), *rec.singles]) == [0, 1, 2, 3, 4, 5]  # each written once
+    assert all(b == sorted(b, reverse=True) for b in rec.batches)  # lock order within each transaction
+    assert all(results[i]["echo"] == i for i in range(6))
+
+
 def test_a_lone_write_goes_at_once():
     rec = Recorder(hold_first=False)
     writer = GroupCommit(name="test", single=rec.single, batch=rec.batch)
