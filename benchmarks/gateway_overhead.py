@@ -22,7 +22,8 @@ For each scenario (concurrency x streaming) it runs the load against the
 simulator ("direct") and then against the gateway: C workers in a closed loop
 (each sends its next request when its previous one is answered), a warm-up
 first, then ``--requests`` requests or ``--duration`` seconds, whichever ends
-first. Each worker keeps one keep-alive connection and its own
+first, in the same loop (the measurement starts while the loop runs, not from
+a standing start). Each worker keeps one keep-alive connection and its own
 X-Conversation-ID (a multi-turn chat; ``--conversation per-request`` for one
 conversation per request). "Added" is the gateway's latency percentile minus
 the direct one at the same concurrency (a difference of percentiles, not a
@@ -59,6 +60,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -474,6 +476,9 @@ class Outcome:
     latency: float
     first_byte: float | None = None
     error: str = ""
+    server_timing: str = ""  # the gateway's Server-Timing header (its phases, in ms)
+    sent: float = 0.0  # seconds after the phase started; for --timeline
+    worker: int = 0
 
 
 class RawConnection:
@@ -555,6 +560,15 @@ def request_body(i: int, *, model: str, max_tokens: int, stream: bool) -> bytes:
 
 
 _OUTCOME = b"x-governance-outcome:"
+_SERVER_TIMING = b"server-timing:"
+
+
+def server_timing(head: bytes) -> str:
+    lower = head.lower()
+    at = lower.find(_SERVER_TIMING)
+    if at < 0:
+        return ""
+    return head[at + len(_SERVER_TIMING):lower.find(b"\r\n", at)].strip().decode("latin-1")
 
 
 def check_payload(status: int, payload: bytes, stream: bool, head: bytes | None = None) -> str:
@@ -626,7 +640,7 @@ class Load:
             return Outcome(False, time.perf_counter() - t0, error=f"conn_{type(exc).__name__}")
         latency = time.perf_counter() - t0
         error = check_payload(status, payload, self.stream, resp_head)
-        return Outcome(not error, latency, first, error)
+        return Outcome(not error, latency, first, error, server_timing=server_timing(resp_head))
 
     async def _one_httpx(self, worker: int, n: int) -> Outcome:
         import importlib
@@ -667,32 +681,61 @@ class Load:
         error = check_payload(status, payload, self.stream, resp_head)
         return Outcome(not error, latency, first, error)
 
-    async def phase(self, n_requests: int, duration: float, meter: CpuMeter | None = None) -> tuple[list[Outcome], float, dict | None]:
-        """Send n_requests (or until duration passes) with C workers; returns the
-        outcomes, the wall time and (with a meter) the CPU spent meanwhile."""
+    async def phase(
+        self, n_requests: int, duration: float, meter: CpuMeter | None = None, *, warmup: int = 0
+    ) -> tuple[list[Outcome], float, dict | None]:
+        """Send warmup + n_requests (or until duration passes after the warm-up)
+        with C workers; returns the outcomes of the last n_requests, their wall
+        time and (with a meter) the CPU spent meanwhile. Warm-up and measurement
+        are one closed loop: the measurement starts with the first request sent
+        after the warm-up ones, while the loop is running, not from a standing
+        start (a barrier between them would release all C workers in the same
+        millisecond again and measure that burst)."""
         one = self._one_raw if self.client_kind == "raw" else self._one_httpx
         outcomes: list[Outcome] = []
-        tickets = iter(range(n_requests))
+        tickets = iter(range(warmup + n_requests))
         sampler = None
-        if meter is not None:
-            meter.start(self.t.name, self.stream)
-            sampler = asyncio.ensure_future(meter.sample_memory())
-        start = time.perf_counter()
-        deadline = start + duration
+        start = deadline = None
+        cpu = None
+
+        def begin_measuring() -> float:
+            nonlocal sampler, deadline
+            if meter is not None:
+                meter.start(self.t.name, self.stream)
+                sampler = asyncio.ensure_future(meter.sample_memory())
+            t = time.perf_counter()
+            deadline = t + duration
+            return t
+
+        if warmup == 0:
+            start = begin_measuring()
+        else:
+            deadline = time.perf_counter() + duration  # the warm-up's own cap
+        last_done = time.perf_counter()
 
         async def worker(w: int) -> None:
+            nonlocal start, last_done
             if self.ramp_s:
                 await asyncio.sleep(self.ramp_s * w / self.c)
-            for _ in tickets:
-                if time.perf_counter() >= deadline:
+            for ticket in tickets:
+                if ticket == warmup and warmup:
+                    start = begin_measuring()
+                if deadline is not None and time.perf_counter() >= deadline:
                     return
+                sent = time.perf_counter()
                 out = await one(w, next(self.seq))
-                outcomes.append(out)
                 if out.ok:
                     self.answered_200 += 1
+                if ticket < warmup:
+                    continue
+                last_done = time.perf_counter()
+                out.sent, out.worker = sent - start, w
+                outcomes.append(out)
 
         await asyncio.gather(*(worker(w) for w in range(self.c)))
-        wall = time.perf_counter() - start
+        if start is None:
+            raise SystemExit(f"{self.t.name}: the warm-up of {warmup} requests did not finish within {duration:g} s")
+        wall = last_done - start
         if sampler is None:
             return outcomes, wall, None
         sampler.cancel()
@@ -733,7 +776,36 @@ def summarise(outcomes: list[Outcome], wall: float) -> dict:
     }
     if first:
         out["first_chunk_ms"] = {q: round(percentile(first, float(q[1:])), 3) for q in ("p50", "p95", "p99")}
+    phases = phase_percentiles(outcomes)
+    if phases:
+        out["phases_ms"] = phases
     return out
+
+
+PHASES = ("admit", "open", "provider", "record", "outside")
+
+
+def phase_percentiles(outcomes: list[Outcome]) -> dict:
+    """p50/p95/p99 of each phase the gateway reported in Server-Timing, and
+    of 'outside': the client's latency minus the gateway's own total (the HTTP
+    server, the event loop before the request reached the app, the sockets)."""
+    samples: dict[str, list[float]] = {}
+    for o in outcomes:
+        if not (o.ok and o.server_timing):
+            continue
+        timing = {}
+        for part in o.server_timing.split(","):
+            name, _, dur = part.strip().partition(";dur=")
+            with contextlib.suppress(ValueError):
+                timing[name] = float(dur)
+        if "total" in timing:
+            timing["outside"] = max(0.0, o.latency * 1000 - timing["total"])
+        for name, ms in timing.items():
+            samples.setdefault(name, []).append(ms)
+    return {
+        name: {q: round(percentile(sorted(v), float(q[1:])), 1) for q in ("p50", "p95", "p99")}
+        for name, v in samples.items() if name in PHASES
+    }
 
 
 def cpu_summary(cpu: dict, requests: int) -> dict:
@@ -818,10 +890,11 @@ async def run_scenarios(args, targets: dict[str, Target], run_id: str, meter: Cp
                         await asyncio.to_thread(vacuum, args.database_url)
                     if args.wait_quiet:
                         quiet = await wait_quiet(args.wait_quiet, args.wait_quiet_max)
-                    await load.phase(warmup, args.duration)
-                    outcomes, wall, cpu = await load.phase(n, args.duration, meter)
+                    outcomes, wall, cpu = await load.phase(n, args.duration, meter, warmup=warmup)
                 finally:
                     await load.close()
+                if args.timeline:
+                    write_timeline(args.timeline, row["scenario"], name, outcomes)
                 row[name] = summarise(outcomes, wall)
                 row[name]["cpu"] = cpu_summary(cpu, len(outcomes))
                 lat = row[name]["latency_ms"]
@@ -836,6 +909,18 @@ async def run_scenarios(args, targets: dict[str, Target], run_id: str, meter: Cp
                 row["added_ms"] = {q: round(g[q] - d[q], 3) for q in ("p50", "p95", "p99")}
             results.append(row)
     return results, gateway_answered
+
+
+def write_timeline(directory: str, scenario: str, target: str, outcomes: list[Outcome]) -> None:
+    """One line per measured request: when each worker sent it and how long it
+    took. With a fixed provider latency a closed loop's requests can travel in
+    waves; a histogram of the send times shows whether they do."""
+    os.makedirs(directory, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9]+", "-", f"{scenario}-{target}").strip("-")
+    with open(os.path.join(directory, f"{name}.tsv"), "w") as fh:
+        fh.write("worker\tsent_ms\tlatency_ms\tok\tserver_timing\n")
+        for o in sorted(outcomes, key=lambda o: o.sent):
+            fh.write(f"{o.worker}\t{o.sent * 1000:.1f}\t{o.latency * 1000:.1f}\t{int(o.ok)}\t{o.server_timing}\n")
 
 
 # --- report --------------------------------------------------------------------
@@ -940,6 +1025,16 @@ def print_report(info: dict, results: list[dict], check: dict) -> None:
         for name in ("direct", "gateway"):
             if name in row and row[name]["error_kinds"]:
                 print(f"{row['scenario']} {name} errors: {row[name]['error_kinds']}")
+    phased = [row for row in results if row.get("gateway", {}).get("phases_ms")]
+    if phased:
+        print()
+        print("Where the gateway's time went (its Server-Timing header; 'outside' = client latency minus the gateway's")
+        print("total: HTTP server, event loop, sockets), ms p50 / p99:")
+        print(f"{'scenario':<16}" + "".join(f"{n:>16}" for n in PHASES))
+        for row in phased:
+            ph = row["gateway"]["phases_ms"]
+            cells = (f"{fmt(ph[n]['p50'])} / {fmt(ph[n]['p99'])}" if n in ph else "—" for n in PHASES)
+            print(f"{row['scenario']:<16}" + "".join(f"{c:>16}" for c in cells))
     print()
     print("CPU ms per request during the measured phase (all cores; 'other' = rest of the machine):")
     names = ("loadgen", "simulator", "gateway", "postgres", "other")
@@ -1007,7 +1102,7 @@ def parse_args(argv=None):
                    help="spread the simulator's think time uniformly over latency +/- this (default 0: every answer "
                         "takes exactly --sim-latency-ms, which keeps a closed loop's clients in lockstep waves)")
     p.add_argument("--ramp-s", type=float, default=0.0, metavar="S",
-                   help="start the C workers evenly spread over S seconds in each phase (default 0: all at once; "
+                   help="start the C workers evenly spread over S seconds, at the start of the warm-up (default 0: all at once; "
                         "with a constant provider latency they then stay in lockstep waves, the worst case); "
                         "the provider latency is a natural choice")
     p.add_argument("--model", default="gpt-4o-mini")
@@ -1025,6 +1120,8 @@ def parse_args(argv=None):
                    help="ASGI application uvicorn serves (default config.asgi:application); for A/B experiments")
     p.add_argument("--pause-before-load", type=float, default=0.0, metavar="S",
                    help="pause after start-up, before the load (to attach a profiler to the printed pids)")
+    p.add_argument("--timeline", default=None, metavar="DIR",
+                   help="write each measured request's send time and latency to DIR/<scenario>-<target>.tsv")
     p.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON to this path")
     args = p.parse_args(argv)
     try:
