@@ -249,3 +249,17 @@ def test_failed_answer_has_no_misleading_timing(gateway, sim, app_key):
     phases = _server_timing(info.value.response.headers["server-timing"])
     assert "provider" not in phases and "record" not in phases
     assert phases["admit"] >= 0
+
+
+def test_stream_says_how_long_admission_and_the_provider_took_to_start(gateway, sim, app_key):
+    """A stream's headers leave before the answer, so its Server-Timing can
+    only cover admission and the wait for the provider's response to begin."""
+    _, _, secret = app_key
+    httpx.post(f"{sim.control_url}/faults", json={"faults": [], "latency_ms": 300}).raise_for_status()
+    with client(gateway, secret).chat.completions.with_streaming_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True
+    ) as resp:
+        phases = _server_timing(resp.headers["server-timing"])
+        assert "".join(resp.iter_lines())
+    assert {"admit", "provider_headers"} <= set(phases) <= {"admit", "open", "provider_headers"}
+    assert 300 <= phases["provider_headers"] < 2000

@@ -416,6 +416,7 @@ def _sse_error(err: GatewayError) -> bytes:
 
 async def _stream(admitted: Admitted, chat: ChatRequest, request_id: str, started: float) -> HttpResponse:
     attempts = Attempts(started=started)
+    asking = time.perf_counter()
     try:
         sent = await send(routes=admitted.routes, policy=admitted.policy, attempts=attempts, stream=True)
     except AttemptsFailed as failed:
@@ -425,6 +426,8 @@ async def _stream(admitted: Admitted, chat: ChatRequest, request_id: str, starte
         raise
     upstream, route = sent.response, sent.route
     asked = time.perf_counter()
+    # The headers leave now, before the answer: only the wait for the provider's first response.
+    admitted.timing["provider_headers"] = round((asked - asking) * 1000, 1)
 
     async def relay():
         state = _StreamState()
