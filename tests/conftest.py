@@ -79,6 +79,26 @@ class _Server:
         self.thread.join(timeout=10)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _close_connections_before_teardown(django_db_setup):
+    """Before the test database is dropped: the gateway's database threads
+    hand back the connections they keep between sections (the native API's
+    calls run there too), and Django's psycopg pools close. Left open, they
+    made teardown warn "being accessed by other users" (one connection left
+    after the browser tests still does; not traced yet)."""
+    yield
+    from django.db import connections
+
+    from conversations.gateway import dbsection
+
+    if dbsection._executor is not None:
+        asyncio.run(dbsection.close_connections())
+    for conn in connections.all(initialized_only=True):
+        conn.close()  # hands this thread's connection back to its pool, then the pool closes
+        if conn.alias in getattr(type(conn), "_connection_pools", {}):
+            conn.close_pool()
+
+
 @pytest.fixture(scope="session")
 def _gateway_server(django_db_setup, django_db_blocker):
     server = _Server()
