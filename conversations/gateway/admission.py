@@ -96,6 +96,10 @@ class Admitted:
     # transaction, the provider, the record) is visible to the caller.
     timing: dict[str, float] = field(default_factory=dict)
 
+    def took(self, phase: str, since: float, until: float | None = None) -> None:
+        """Record a phase's milliseconds, from since to until (default: now)."""
+        self.timing[phase] = round(((until or time.perf_counter()) - since) * 1000, 1)
+
 
 def _elapsed_ms(started: float) -> int:
     return int((time.perf_counter() - started) * 1000)
@@ -304,7 +308,7 @@ async def admit_async(**request) -> Admitted:
     t0 = time.perf_counter()
     if not services.sql_recording():
         admitted = await db_section(admit, **request)
-        admitted.timing["admit"] = _ms_since(t0)
+        admitted.took("admit", t0)
         return admitted
     pending, open_request, opened = await db_section(_prepare_and_open_if_idle, **request)
     t1 = time.perf_counter()
@@ -314,13 +318,9 @@ async def admit_async(**request) -> Admitted:
         except BudgetExceeded as exc:
             raise (await db_section(pending.over_budget, exc=exc)) from None
     admitted = pending.admitted(*opened)
-    admitted.timing["admit"] = round((t1 - t0) * 1000, 1)
-    admitted.timing["open"] = _ms_since(t1)
+    admitted.took("admit", t0, t1)
+    admitted.took("open", t1)
     return admitted
-
-
-def _ms_since(t: float) -> float:
-    return round((time.perf_counter() - t) * 1000, 1)
 
 
 def _prepare_and_open_if_idle(**request) -> tuple:

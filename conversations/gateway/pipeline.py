@@ -280,7 +280,7 @@ async def _complete(admitted: Admitted, request_id: str, started: float) -> Http
             result = _failure(failed.err, started, attempts=attempts.items)
             return await _error_reply(admitted, result, failed, request_id, stream=False)
         result = True
-        admitted.timing["provider"] = round((time.perf_counter() - asking) * 1000, 1)
+        admitted.took("provider", asking)
         _store_cached(admitted, sent.raw)
         return await _answer(admitted, request_id, started, sent.raw, sent.route, attempts, body=sent.body)
     except asyncio.CancelledError:
@@ -330,8 +330,8 @@ async def _answer(admitted, request_id, started, raw: bytes, route, attempts, *,
     except DatabaseError:
         log.exception("gateway.record_failed", call_id=admitted.call_id)
         return _recording_failed(request_id)
-    admitted.timing["record"] = round((time.perf_counter() - recording) * 1000, 1)
-    admitted.timing["total"] = round((time.perf_counter() - started) * 1000, 1)
+    admitted.took("record", recording)
+    admitted.took("total", started)
     log.info("gateway.answered", call_id=admitted.call_id, tokens=(result.prompt_tokens, result.completion_tokens), latency_ms=result.latency_ms, cache_hit=cache_hit)
     resp = HttpResponse(raw, content_type="application/json")
     return _headers(resp, request_id, result.outcome, admitted)
@@ -427,7 +427,7 @@ async def _stream(admitted: Admitted, chat: ChatRequest, request_id: str, starte
     upstream, route = sent.response, sent.route
     asked = time.perf_counter()
     # The headers leave now, before the answer: only the wait for the provider's first response.
-    admitted.timing["provider_headers"] = round((asked - asking) * 1000, 1)
+    admitted.took("provider_headers", asking, asked)
 
     async def relay():
         state = _StreamState()
