@@ -559,16 +559,14 @@ def request_body(i: int, *, model: str, max_tokens: int, stream: bool) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-_OUTCOME = b"x-governance-outcome:"
-_SERVER_TIMING = b"server-timing:"
-
-
-def server_timing(head: bytes) -> str:
+def header(head: bytes, name: bytes) -> str | None:
+    """A response header's value from the raw head (name in lower case), or None."""
     lower = head.lower()
-    at = lower.find(_SERVER_TIMING)
+    at = lower.find(b"\r\n" + name + b":")
     if at < 0:
-        return ""
-    return head[at + len(_SERVER_TIMING):lower.find(b"\r\n", at)].strip().decode("latin-1")
+        return None
+    start = at + len(name) + 3
+    return head[start:lower.find(b"\r\n", start)].strip().decode("latin-1")
 
 
 def check_payload(status: int, payload: bytes, stream: bool, head: bytes | None = None) -> str:
@@ -578,12 +576,9 @@ def check_payload(status: int, payload: bytes, stream: bool, head: bytes | None 
     if status != 200:
         return f"http_{status}"
     if head is not None:
-        lower = head.lower()
-        at = lower.find(_OUTCOME)
-        if at >= 0:
-            outcome = lower[at + len(_OUTCOME):lower.find(b"\r\n", at)].strip()
-            if outcome != b"answered":
-                return "outcome_" + outcome.decode("latin-1")
+        outcome = header(head, b"x-governance-outcome")
+        if outcome is not None and outcome.lower() != "answered":
+            return "outcome_" + outcome.lower()
     if stream:
         if not payload.rstrip().endswith(b"data: [DONE]"):
             return "incomplete_stream"
@@ -640,7 +635,7 @@ class Load:
             return Outcome(False, time.perf_counter() - t0, error=f"conn_{type(exc).__name__}")
         latency = time.perf_counter() - t0
         error = check_payload(status, payload, self.stream, resp_head)
-        return Outcome(not error, latency, first, error, server_timing=server_timing(resp_head))
+        return Outcome(not error, latency, first, error, server_timing=header(resp_head, b"server-timing") or "")
 
     async def _one_httpx(self, worker: int, n: int) -> Outcome:
         import importlib
@@ -672,7 +667,7 @@ class Load:
                 resp = await self.httpx_client.post(self.t.path, content=body, headers=headers)
                 status, payload = resp.status_code, resp.content
             outcome = resp.headers.get("x-governance-outcome")
-            resp_head = f"x-governance-outcome: {outcome}\r\n".encode("latin-1") if outcome else None
+            resp_head = f"\r\nx-governance-outcome: {outcome}\r\n".encode("latin-1") if outcome else None
         except httpx.TimeoutException:
             return Outcome(False, time.perf_counter() - t0, error="timeout")
         except httpx.HTTPError as exc:
@@ -696,7 +691,6 @@ class Load:
         tickets = iter(range(warmup + n_requests))
         sampler = None
         start = deadline = None
-        cpu = None
 
         def begin_measuring() -> float:
             nonlocal sampler, deadline
