@@ -17,6 +17,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from budgets import readings
 from budgets.models import Budget, BudgetPeriod, CostEvent, Reservation
 from budgets.periods import period_bounds
 
@@ -307,12 +308,23 @@ def applicable_budgets(*, candidates: list[Budget], application, api_key, end_us
     ]
 
 
-def current_utilisation(*, budgets: list[Budget], end_user: str, at: datetime | None = None) -> dict[int, float]:
-    """Budget id → percent used (spent + held) in the current period; one query, no locks."""
+def current_utilisation(
+    *, budgets: list[Budget], end_user: str, at: datetime | None = None, max_age_s: float = 0.0
+) -> dict[int, float]:
+    """Budget id → percent used (spent + held) in the current period; one
+    query, no locks. With max_age_s, what this process saw of every period
+    within that many seconds (budgets/readings.py) instead of the query."""
     at = at or timezone.now()
     keys = _keys(budgets, end_user, at)
     if not keys:
         return {}
+    seen = readings.fresh([(b.pk, subject, start) for b, subject, start, _ in keys], max_age_s)
+    if seen is not None:
+        return {
+            budget.pk: percent_used(budget, spent_usd=r.spent_usd, reserved_usd=r.reserved_usd,
+                                    spent_tokens=r.spent_tokens, reserved_tokens=r.reserved_tokens)
+            for (budget, *_), r in zip(keys, seen, strict=True)
+        }
     if connection.vendor == "postgresql":
         return _current_utilisation_sql(keys)
     existing = _existing_rows(keys)
@@ -328,7 +340,7 @@ def current_utilisation(*, budgets: list[Budget], end_user: str, at: datetime | 
 
 
 _UTILISATION_SQL = """
-SELECT bp.budget_id, bp.spent_usd, bp.reserved_usd, bp.spent_tokens, bp.reserved_tokens
+SELECT bp.budget_id, bp.spent_usd, bp.reserved_usd, bp.spent_tokens, bp.reserved_tokens, bp.id
   FROM budgets_budgetperiod bp
   JOIN jsonb_to_recordset(%s::jsonb) AS k(budget_id bigint, subject text, period_start timestamptz)
     ON bp.budget_id = k.budget_id AND bp.subject = k.subject AND bp.period_start = k.period_start
@@ -343,6 +355,11 @@ def _current_utilisation_sql(keys) -> dict[int, float]:
     wanted = [{"budget_id": b.pk, "subject": subject, "period_start": start} for b, subject, start, _ in keys]
     rows = fetch_prepared(_UTILISATION_SQL, (orjson.dumps(wanted).decode(),))
     found = {r[0]: r for r in rows}
+    readings.observe(
+        [{"id": r[5], "budget_id": r[0], "spent_usd": r[1], "reserved_usd": r[2], "spent_tokens": r[3], "reserved_tokens": r[4]}
+         for r in rows],
+        keys={b.pk: (b.pk, subject, start) for b, subject, start, _ in keys},
+    )
     out = {}
     for budget, *_ in keys:
         row = found.get(budget.pk)

@@ -187,6 +187,10 @@ GATEWAY = {
     # transaction-pooling proxy that cannot keep prepared statements).
     "PREPARED_STATEMENTS": env.bool("GATEWAY_PREPARED_STATEMENTS", default=True),
     "KEY_LAST_USED_RESOLUTION_S": 60,
+    # A degradation ladder reads the budgets' spend as this process last saw
+    # it written (Postgres), if no older than this; else it queries. 0: query
+    # before every call. Hard caps are always checked under the row locks.
+    "LADDER_READING_MAX_AGE_MS": env.float("GATEWAY_LADDER_READING_MAX_AGE_MS", default=250.0),
     # The garbage collector's generation thresholds in gateway processes
     # (conversations/gateway/warmup.py); empty keeps CPython's (700, 10, 10).
     "GC_THRESHOLD": tuple(env.list("GATEWAY_GC_THRESHOLD", cast=int, default=[50_000, 20, 100])),

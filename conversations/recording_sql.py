@@ -21,6 +21,7 @@ import orjson
 from django.db import DatabaseError, connection
 from django.utils import timezone
 
+from budgets import readings
 from budgets.models import Budget, BudgetPeriod
 from budgets.services import BudgetExceeded, Hold, _keys, _raise_warnings, percent_used
 from conversations.gateway import metrics
@@ -222,6 +223,11 @@ def opened_call(out: dict, request: OpenRequest) -> tuple[OpenedCall, list[Hold]
             needed_tokens=hold_tokens,
             unit=row["unit"],
         )
+    if out["periods"]:
+        readings.observe(
+            out["periods"],
+            keys={k["budget_id"]: (k["budget_id"], k["subject"], k["period_start"]) for k in request.payload["budgets"]},
+        )
     holds = []
     for row in out["periods"] or ():
         budget = by_id[row["budget_id"]]
@@ -293,6 +299,7 @@ def _finish_order(call: OpenedCall) -> tuple:
 def finish_call(*, call: OpenedCall, result: CallResult) -> FinishedCall:
     payload, cost = finish_payload(call=call, result=result)
     out = FINISHES.submit(payload, order=_finish_order(call))
+    readings.observe(out["periods"] or ())
     if out["settled"] and out["periods"]:
         _warn(call, out["periods"])
     return FinishedCall(recorded=out["recorded"], cost_usd=cost if out["recorded"] else None)
@@ -308,6 +315,7 @@ async def finish_call_async(*, call: OpenedCall, result: CallResult) -> Finished
         return await db_section(finish_call, call=call, result=result)
     payload, cost = finish_payload(call=call, result=result)
     out = await FINISHES.submit_async(payload, order=_finish_order(call))
+    readings.observe(out["periods"] or ())
     if out["settled"] and out["periods"] and _may_warn(call, out["periods"]):
         await db_section(_warn, call=call, rows=out["periods"])
     return FinishedCall(recorded=out["recorded"], cost_usd=cost if out["recorded"] else None)

@@ -42,12 +42,14 @@ def sim(simulator):
 
     from django.core.cache import caches
 
+    from budgets import readings
     from conversations.gateway import breaker, shared
 
     httpx.post(f"{simulator.control_url}/reset", timeout=5).raise_for_status()
     caches["default"].clear()  # breakers, rate-limit windows and cached answers start fresh
     shared._local.clear()
     breaker.forget()
+    readings.forget()
     old = settings.OPENAI_BASE_URL
     settings.OPENAI_BASE_URL = simulator.base_url
     yield simulator

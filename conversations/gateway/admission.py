@@ -421,7 +421,10 @@ def prepare(
         raise refuse(err, decisions=plan.decisions) from None
     rules = config_cache.ladder(app)
     if rules:
-        utilisation = current_utilisation(budgets=budgets, end_user=end_user)
+        # On Postgres the opens and finishes return the period rows they
+        # wrote, so a recent enough figure needs no query (budgets/readings.py).
+        max_age_s = settings.GATEWAY["LADDER_READING_MAX_AGE_MS"] / 1000 if services.sql_recording() else 0.0
+        utilisation = current_utilisation(budgets=budgets, end_user=end_user, max_age_s=max_age_s)
         apply_ladder(
             plan=plan, rules=rules, utilisation=utilisation, count_for=_count_for,
             priced_for=lambda name: config_cache.priced(name, timezone.now()),
