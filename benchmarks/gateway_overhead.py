@@ -2,7 +2,7 @@
 """What does the gateway cost? The same closed-loop load, first straight at the
 provider simulator and then through the gateway, printed side by side.
 
-    .venv/bin/python benchmarks/gateway_overhead.py                  # Postgres, 1 uvicorn worker
+    .venv/bin/python benchmarks/gateway_overhead.py                  # Postgres, 1 gateway worker
     .venv/bin/python benchmarks/gateway_overhead.py --workers 2 --stream --json /tmp/bench.json
 
 It sets everything up itself, on loopback only:
@@ -14,9 +14,10 @@ It sets everything up itself, on loopback only:
 2. the provider simulator (``manage.py simulate_provider --latency-ms 0``) on a
    free port, so the provider adds no think time and every millisecond measured
    is transport plus whatever sits in front of it (``--sim-latency-ms`` to add some);
-3. the gateway: ``uvicorn config.asgi:application`` (uvloop, httptools,
-   ``--workers W``) pointed at the simulator, with access logs off and
-   ``LOG_LEVEL=WARNING``.
+3. the gateway as deployed: ``python -m config.serve`` (uvicorn workers with a
+   listening socket each, uvloop, httptools, ``--workers W``; ``--server uvicorn``
+   for uvicorn's own ``--workers``) pointed at the simulator, with access logs
+   off and ``LOG_LEVEL=WARNING``.
 
 For each scenario (concurrency x streaming) it runs the load against the
 simulator ("direct") and then against the gateway: C workers in a closed loop
@@ -400,16 +401,17 @@ class Gateway:
     """uvicorn serving config.asgi:application as a subprocess (its own session,
     so a Ctrl-C in the terminal reaches only us and we stop it in order)."""
 
-    def __init__(self, *, workers: int, env: dict, app: str = "config.asgi:application", startup_timeout: float = 60.0):
+    def __init__(self, *, workers: int, env: dict, app: str = "config.asgi:application", server: str = "serve",
+                 startup_timeout: float = 60.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.logfile = tempfile.NamedTemporaryFile(prefix="gateway-bench-", suffix=".log", delete=False)
-        cmd = [
-            sys.executable, "-m", "uvicorn", app,
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers),
-            "--loop", "uvloop", "--http", "httptools", "--log-level", "warning", "--no-access-log",
-            "--lifespan", "off",
-        ]
+        common = ["--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers),
+                  "--loop", "uvloop", "--http", "httptools", "--log-level", "warning", "--lifespan", "off"]
+        if server == "serve":  # what deploy/Procfile runs: a listening socket per worker
+            cmd = [sys.executable, "-m", "config.serve", "--app", app, *common]
+        else:  # uvicorn's own workers, sharing one listening socket
+            cmd = [sys.executable, "-m", "uvicorn", app, "--no-access-log", *common]
         self.proc = subprocess.Popen(
             cmd, cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL,
             stdout=self.logfile, stderr=subprocess.STDOUT, start_new_session=True,
@@ -953,6 +955,7 @@ def machine_info(args, db: dict) -> dict:
         "django": django.get_version(),
         "uvicorn": uvicorn.__version__,
         "uvicorn_workers": args.workers,
+        "server": args.server,
         "database": db,
         "load_client": args.client,
         "simulator_latency_ms": args.sim_latency_ms,
@@ -997,7 +1000,7 @@ def print_report(info: dict, results: list[dict], check: dict) -> None:
     print()
     print(
         f"machine: {info['cores']} cores ({info['cpu'] or 'unknown cpu'}), Python {info['python']}, "
-        f"Django {info['django']}, uvicorn {info['uvicorn']} x{info['uvicorn_workers']} worker(s), "
+        f"Django {info['django']}, uvicorn {info['uvicorn']} x{info['uvicorn_workers']} worker(s) ({info['server']}), "
         f"database {db.get('version', db['vendor'])}"
         + (f" (synchronous_commit={db['synchronous_commit']}, fsync={db['fsync']})" if "fsync" in db else "")
     )
@@ -1072,7 +1075,10 @@ def parse_args(argv=None):
                    help=f"database the gateway records into (default {DEFAULT_DATABASE_URL}); created and migrated if needed")
     p.add_argument("--redis-url", default="",
                    help="REDIS_URL for the gateway (shared rate-limit windows, breakers, cache); default unset: per-process memory")
-    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="gateway worker processes (default 1)")
+    p.add_argument("--server", choices=("serve", "uvicorn"), default="serve",
+                   help="serve (default): python -m config.serve, as deployed, a listening socket per worker; "
+                        "uvicorn: uvicorn --workers, one socket shared by the workers")
     p.add_argument("--concurrency", default="1,50", help="comma-separated concurrency levels (default 1,50)")
     p.add_argument("--requests", type=int, default=None,
                    help="measured requests per scenario and target (default 300 at c=1, 2000 otherwise)")
@@ -1178,8 +1184,8 @@ def main(argv=None) -> int:
         for item in args.gateway_env:
             name, _, value = item.partition("=")
             gw_env[name] = value
-        log(f"starting gateway (uvicorn, {args.workers} worker(s))")
-        gateway = Gateway(workers=args.workers, env=gw_env, app=args.asgi_app)
+        log(f"starting gateway ({args.server}, {args.workers} worker(s))")
+        gateway = Gateway(workers=args.workers, env=gw_env, app=args.asgi_app, server=args.server)
         log(f"gateway pids {gateway.pids()} on {gateway.url}; simulator pid {sim.process.pid} on {sim.origin}")
         if args.pause_before_load:
             time.sleep(args.pause_before_load)
@@ -1227,7 +1233,7 @@ def main(argv=None) -> int:
                 "warmup": args.warmup, "stream": args.stream, "model": args.model, "max_tokens": args.max_tokens,
                 "conversation": args.conversation, "gateway_env": args.gateway_env, "targets": args.targets,
                 "workers": args.workers, "client": args.client, "sim_latency_ms": args.sim_latency_ms, "sim_jitter_ms": args.sim_jitter_ms, "ramp_s": args.ramp_s,
-                "asgi_app": args.asgi_app, "database_url": args.database_url,
+                "asgi_app": args.asgi_app, "server": args.server, "database_url": args.database_url,
             },
             "results": results,
             "record_check": check,
