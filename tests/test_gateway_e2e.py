@@ -2,6 +2,8 @@
 simulator: answers arrive as OpenAI would send them, and every call leaves a
 complete record."""
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -212,6 +214,27 @@ def test_stream_cut_midway_ends_with_error_event_and_partial_record(gateway, sim
     partial = "".join(received)
     assert partial and call.messages.get(direction="response").content == partial
     assert call.usage_source == "estimated" and call.completion_tokens > 0 and call.cost_usd > 0
+
+
+def test_an_overlong_stream_event_ends_the_stream_as_malformed(gateway, sim, app_key, monkeypatch):
+    """A provider line longer than the gateway will hold is not buffered
+    without end: the stream ends with an error event and the call says why."""
+    from conversations.gateway import pipeline
+
+    _, _, secret = app_key
+    monkeypatch.setattr(pipeline, "MAX_STREAM_EVENT_BYTES", 40)  # every event of the simulator is longer
+    with httpx.stream(
+        "POST", f"{gateway}/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True},
+        headers={"Authorization": f"Bearer {secret}", "X-Request-ID": "req-long"}, timeout=30,
+    ) as r:
+        assert r.status_code == 200
+        events = [line for line in r.iter_lines() if line.startswith("data:")]
+    assert len(events) == 1 and "[DONE]" not in events[0]
+    error = json.loads(events[0][5:])["error"]
+    assert error["code"] == "upstream_malformed_response" and "longer than 40 bytes" in error["message"]
+    call = ProviderCall.objects.get(request_id="req-long")
+    assert call.status == "failed" and call.error_code == "upstream_malformed_response"
 
 
 def _server_timing(header: str) -> dict[str, float]:

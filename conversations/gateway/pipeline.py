@@ -410,6 +410,11 @@ class _StreamState:
         )
 
 
+# A provider's stream line longer than this is refused as malformed rather
+# than buffered without end.
+MAX_STREAM_EVENT_BYTES = 1 << 20
+
+
 def _sse_error(err: GatewayError) -> bytes:
     return b"data: " + orjson.dumps(err.body()) + b"\n\n"
 
@@ -434,29 +439,58 @@ async def _stream(admitted: Admitted, chat: ChatRequest, request_id: str, starte
         done = False
         err = None
         cancelled = False
+
+        def take(line: bytes, out: list[bytes]) -> None:
+            """One line of the provider's stream: parsed once (for the
+            record) and relayed as it came, without a decode/encode round trip."""
+            nonlocal done, err
+            if len(line) > MAX_STREAM_EVENT_BYTES:
+                err = provider.malformed(f"a stream event is longer than {MAX_STREAM_EVENT_BYTES:,} bytes")
+                return
+            if not line.startswith(b"data:"):
+                return
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                done = True
+                return
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                err = provider.malformed("a stream event is not JSON")
+                return
+            if "error" in chunk:
+                detail = (chunk.get("error") or {}).get("message", "")
+                err = provider.upstream_error(502, f"The provider failed mid-stream. {detail}".strip(), "upstream_error")
+                return
+            state.feed(chunk)
+            if not chat.include_usage and not chunk.get("choices") and chunk.get("usage"):
+                return  # the client did not ask for the usage chunk
+            out.append(b"data: " + data + b"\n\n")
+
         try:
-            async for line in upstream.content:
-                # Bytes all the way: each event is parsed once (for the record)
-                # and relayed as it came, without a decode/encode round trip.
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    done = True
+            # Whatever one read from the provider brought is relayed as one
+            # write to the client: a provider that sends its events in a burst
+            # costs one send instead of one per event (50 for a short answer).
+            pending = b""
+            async for piece in upstream.content.iter_any():
+                *lines, pending = (pending + piece).split(b"\n")
+                out: list[bytes] = []
+                for line in lines:
+                    take(line, out)
+                    if done or err is not None:
+                        break
+                if out:
+                    yield b"".join(out)
+                if done or err is not None:
                     break
-                try:
-                    chunk = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    err = provider.malformed("a stream event is not JSON")
+                if len(pending) > MAX_STREAM_EVENT_BYTES:
+                    err = provider.malformed(f"a stream event is longer than {MAX_STREAM_EVENT_BYTES:,} bytes")
                     break
-                if "error" in chunk:
-                    detail = (chunk.get("error") or {}).get("message", "")
-                    err = provider.upstream_error(502, f"The provider failed mid-stream. {detail}".strip(), "upstream_error")
-                    break
-                state.feed(chunk)
-                if not chat.include_usage and not chunk.get("choices") and chunk.get("usage"):
-                    continue  # the client did not ask for the usage chunk
-                yield b"data: " + data + b"\n\n"
+            if not done and err is None and pending.strip():
+                out = []
+                take(pending, out)  # a last line without its newline
+                if out:
+                    yield b"".join(out)
             if not done and err is None:
                 err = provider.upstream_error(502, "The provider's stream ended before it was complete.", "upstream_stream_interrupted")
         except provider.TRANSPORT_ERRORS as exc:
