@@ -308,23 +308,29 @@ def applicable_budgets(*, candidates: list[Budget], application, api_key, end_us
     ]
 
 
-def current_utilisation(
-    *, budgets: list[Budget], end_user: str, at: datetime | None = None, max_age_s: float = 0.0
-) -> dict[int, float]:
-    """Budget id → percent used (spent + held) in the current period; one
-    query, no locks. With max_age_s, what this process saw of every period
-    within that many seconds (budgets/readings.py) instead of the query."""
+def recent_utilisation(
+    *, budgets: list[Budget], end_user: str, max_age_s: float, at: datetime | None = None
+) -> dict[int, float] | None:
+    """Budget id → percent used (spent + held), from what this process saw of
+    every period within max_age_s (budgets/readings.py); None if it has not
+    seen them all that recently."""
+    keys = _keys(budgets, end_user, at or timezone.now())
+    seen = readings.fresh([(b.pk, subject, start) for b, subject, start, _ in keys], max_age_s)
+    if seen is None:
+        return None
+    return {
+        budget.pk: percent_used(budget, spent_usd=r.spent_usd, reserved_usd=r.reserved_usd,
+                                spent_tokens=r.spent_tokens, reserved_tokens=r.reserved_tokens)
+        for (budget, *_), r in zip(keys, seen, strict=True)
+    }
+
+
+def current_utilisation(*, budgets: list[Budget], end_user: str, at: datetime | None = None) -> dict[int, float]:
+    """Budget id → percent used (spent + held) in the current period; one query, no locks."""
     at = at or timezone.now()
     keys = _keys(budgets, end_user, at)
     if not keys:
         return {}
-    seen = readings.fresh([(b.pk, subject, start) for b, subject, start, _ in keys], max_age_s)
-    if seen is not None:
-        return {
-            budget.pk: percent_used(budget, spent_usd=r.spent_usd, reserved_usd=r.reserved_usd,
-                                    spent_tokens=r.spent_tokens, reserved_tokens=r.reserved_tokens)
-            for (budget, *_), r in zip(keys, seen, strict=True)
-        }
     if connection.vendor == "postgresql":
         return _current_utilisation_sql(keys)
     existing = _existing_rows(keys)

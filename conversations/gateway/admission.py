@@ -12,24 +12,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import structlog
 from django.conf import settings
+from django.core.exceptions import SynchronousOnlyOperation
 from django.utils import timezone
 
 from budgets.models import LanguageModel, ModelPrice
 from budgets.policy import Plan, apply_ladder, fit_input, worst_case
 from budgets.selectors import ModelNotPriced, UnknownModel
-from budgets.services import BudgetExceeded, applicable_budgets, current_utilisation
+from budgets.services import BudgetExceeded, applicable_budgets, current_utilisation, recent_utilisation
 from conversations import services
 from conversations.gateway.errors import GatewayError, PoliteRefusal, auth_error, invalid
-from conversations.gateway import config_cache, ratelimit
+from conversations.gateway import config_cache, metrics, offline, ratelimit
 from conversations.gateway.attempts import Policy, Route
 from conversations.gateway.dbsection import db_section
 from conversations.gateway.provider import Upstream
 from conversations.gateway.tokens import count_messages, encoder_for
-from conversations.gateway.validation import ChatRequest
+from conversations.gateway.validation import ChatRequest, text_of
 from governance.models import ApiKey
 from governance.selectors import KeyRejected
 from governance.services import touch_key
+
+log = structlog.get_logger("gateway")
 
 _ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 _STEP = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -189,6 +193,7 @@ def _apply_step_policy(plan: Plan, *, app, step: str) -> None:
             "input_too_large",
             param="messages",
         )
+    offline.needs_io("truncating the input")
     messages, tokens, cut = fit_input(
         messages=plan.messages,
         limit=limit,
@@ -217,6 +222,7 @@ def _budget_refusal(app, mode: str, message: str) -> GatewayError:
 
 def _record_refusal(err: GatewayError, request_id: str, started: float, **fields) -> GatewayError:
     """Record a request refused before the provider was asked; returns the error to raise."""
+    offline.needs_io("recording a refusal")
     services.record_rejection(
         request_id=request_id,
         http_status=err.http_status,
@@ -300,9 +306,10 @@ def admit(**request) -> Admitted:
 
 
 async def admit_async(**request) -> Admitted:
-    """admit from the event loop. On Postgres a call whose open would share a
-    transaction is opened by group commit while the request waits on the
-    loop, not on a database thread; a lone one is opened in the same section."""
+    """admit from the event loop. On Postgres, prepare runs on the loop when
+    it needs no I/O (conversations/gateway/offline.py), else on a database
+    thread, where a lone open is written in the same section; every other
+    open is written by group commit while the request waits on the loop."""
     from conversations import recording_sql
 
     t0 = time.perf_counter()
@@ -310,7 +317,17 @@ async def admit_async(**request) -> Admitted:
         admitted = await db_section(admit, **request)
         admitted.took("admit", t0)
         return admitted
-    pending, open_request, opened = await db_section(_prepare_and_open_if_idle, **request)
+    try:
+        with offline.io_forbidden():  # most requests: decided from memory, here on the loop
+            pending = prepare(**request)
+            open_request = recording_sql.OpenRequest.of(**pending.open_fields)
+        opened = None
+        metrics.ADMISSIONS.labels("loop", "").inc()
+    except (offline.NeedsIO, SynchronousOnlyOperation) as needed:
+        if isinstance(needed, SynchronousOnlyOperation):  # a database read nobody declared: still served, but said
+            log.warning("gateway.undeclared_io_in_admission", request_id=request["request_id"])
+        metrics.ADMISSIONS.labels("thread", str(needed) if isinstance(needed, offline.NeedsIO) else "undeclared").inc()
+        pending, open_request, opened = await db_section(_prepare_and_open_if_idle, **request)
     t1 = time.perf_counter()
     if opened is None:
         try:
@@ -354,8 +371,10 @@ def prepare(
     except KeyRejected as exc:
         raise _record_refusal(auth_error(exc.message, exc.code), request_id, started, key_prefix=exc.prefix) from None
     resolution = settings.GATEWAY["KEY_LAST_USED_RESOLUTION_S"]
-    if config_cache.key_needs_touch(api_key.pk, resolution):
-        touch_key(api_key_id=api_key.pk, resolution_s=resolution)
+    if config_cache.key_needs_touch(api_key.pk, resolution, mark=False):
+        offline.needs_io("touching the key")
+        if config_cache.key_needs_touch(api_key.pk, resolution):
+            touch_key(api_key_id=api_key.pk, resolution_s=resolution)
     app = api_key.application
     end_user = headers.end_user or (chat.user if chat else "")
     model_name = (chat.model if chat else None) or app.default_model
@@ -403,6 +422,8 @@ def prepare(
             )
         ) from None
 
+    if offline.is_forbidden() and sum(len(text_of(m.get("content"))) for m in chat.messages) > offline.MAX_TEXT_ON_LOOP:
+        offline.needs_io("counting a long input")
     count = count_messages(chat.messages, encoding=priced.model.encoding)
     plan = Plan(
         model=priced.model,
@@ -424,7 +445,10 @@ def prepare(
         # On Postgres the opens and finishes return the period rows they
         # wrote, so a recent enough figure needs no query (budgets/readings.py).
         max_age_s = settings.GATEWAY["LADDER_READING_MAX_AGE_MS"] / 1000 if services.sql_recording() else 0.0
-        utilisation = current_utilisation(budgets=budgets, end_user=end_user, max_age_s=max_age_s)
+        utilisation = recent_utilisation(budgets=budgets, end_user=end_user, max_age_s=max_age_s)
+        if utilisation is None:
+            offline.needs_io("reading the budgets")
+            utilisation = current_utilisation(budgets=budgets, end_user=end_user)
         apply_ladder(
             plan=plan, rules=rules, utilisation=utilisation, count_for=_count_for,
             priced_for=lambda name: config_cache.priced(name, timezone.now()),
@@ -443,8 +467,11 @@ def prepare(
         worst_case(price=r.price, input_tokens=plan.input_tokens, is_estimate=plan.input_is_estimate, max_tokens=plan.max_tokens or 0)
         for r in routes
     )
+    limits = _limits(app, api_key)
+    if limits:
+        offline.needs_io("rate limits")
     try:
-        ratelimit.check(limits=_limits(app, api_key), tokens=plan.input_tokens + (plan.max_tokens or 0))
+        ratelimit.check(limits=limits, tokens=plan.input_tokens + (plan.max_tokens or 0))
     except GatewayError as err:
         raise refuse(err, decisions=[*plan.decisions, {"kind": "refused", "by": "rate_limit"}]) from None
     policy = Policy.for_application(app)

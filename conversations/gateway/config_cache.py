@@ -20,7 +20,7 @@ from datetime import datetime
 
 from budgets.models import Budget, DegradationRule, LanguageModel, ModelPrice, StepPolicy
 from budgets.selectors import ModelNotPriced, PricedModel, UnknownModel
-from conversations.gateway import shared
+from conversations.gateway import offline, shared
 from governance.models import ApiKey, Application, FallbackRoute
 from governance.selectors import key_for_secret
 from governance.services import hash_key
@@ -97,6 +97,8 @@ def refresh() -> None:
     """Call once per request: drop everything if configuration changed."""
     if _listener.live:
         return  # changes are pushed to this process as they happen
+    if shared.redis_url() is not None:  # without Redis the generation is in this process's memory
+        offline.needs_io("the configuration generation")
     _listener.ensure_started()
     _adopt(_shared_generation())
 
@@ -115,6 +117,7 @@ def _cached(key: tuple, load):
     hit = _entries.get(key)
     if hit is not None and hit[0] > now:
         return hit[1]
+    offline.needs_io("configuration")
     value = load()
     _entries[key] = (now + TTL_S, value)
     return value
@@ -127,12 +130,14 @@ def api_key(secret: str | None) -> ApiKey:
     return _cached(("key", hash_key(secret)), lambda: key_for_secret(secret=secret))
 
 
-def key_needs_touch(key_id: int, resolution_s: float) -> bool:
-    """True at most once per `resolution_s` per process and key."""
+def key_needs_touch(key_id: int, resolution_s: float, *, mark: bool = True) -> bool:
+    """True at most once per `resolution_s` per process and key (with
+    mark=False: whether it would be, without counting this as the time)."""
     now = time.monotonic()
     if now - _touched.get(key_id, -1e9) < resolution_s:
         return False
-    _touched[key_id] = now
+    if mark:
+        _touched[key_id] = now
     return True
 
 

@@ -25,3 +25,9 @@ BUDGET_RACES = Counter(
     "Calls opened a second time with the budget rows locked first: a concurrent request took the "
     "headroom between the unlocked cap check and the locked one (rare except near a cap)",
 )
+ADMISSIONS = Counter(
+    "gateway_admissions_total",
+    "Requests admitted on the event loop (decided from memory) or on a database thread, and what the "
+    "thread was needed for (configuration not cached, a budget reading too old, rate limits, a refusal to record, ...)",
+    ["where", "reason"],
+)
