@@ -86,8 +86,8 @@ def _close_connections_before_teardown(django_db_setup):
     """Before the test database is dropped: the gateway's database threads
     hand back the connections they keep between sections (the native API's
     calls run there too), and Django's psycopg pools close. Left open, they
-    made teardown warn "being accessed by other users" (one connection left
-    after the browser tests still does; not traced yet)."""
+    made teardown warn "being accessed by other users" (the browser tests
+    hand back their own: tests/test_admin_browser.py)."""
     yield
     from django.db import connections
 

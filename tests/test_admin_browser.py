@@ -43,12 +43,18 @@ pytestmark = [
 @pytest.fixture
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package")
+    from django.db import connections
+
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             yield browser
         finally:
             browser.close()
+            # Playwright's sync API runs the test in a context of its own, and
+            # Django's connections are per context: what the test opened here
+            # is handed back here, or the test database cannot be dropped.
+            connections.close_all()
 
 
 @pytest.fixture
