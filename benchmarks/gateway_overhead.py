@@ -155,6 +155,40 @@ def _pids_named(comm: str) -> list[int]:
     return pids
 
 
+def connections_held(pids: list[int], port: int) -> list[int]:
+    """Established TCP connections on `port` held by each of these processes
+    (Linux /proc; empty elsewhere): how the clients' keep-alive connections
+    were spread over the gateway's workers."""
+    tcp_rows = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            tcp_rows += Path(table).read_text().splitlines()[1:]
+    established = {f[9] for f in (r.split() for r in tcp_rows)
+                   if len(f) > 9 and f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port}
+    held = []
+    for pid in pids:
+        n = 0
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:[") and target[8:-1] in established:
+                        n += 1
+        held.append(n)
+    return held
+
+
+def serving_pids(pids: list[int]) -> list[int]:
+    """The worker processes among a gateway's pids (multiprocessing children),
+    or all of them when a single process serves."""
+    workers = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                workers.append(pid)
+    return workers or pids
+
+
 def _machine_busy_s() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine since boot, all cores."""
     with contextlib.suppress(OSError):
@@ -887,12 +921,16 @@ async def run_scenarios(args, targets: dict[str, Target], run_id: str, meter: Cp
                     if args.wait_quiet:
                         quiet = await wait_quiet(args.wait_quiet, args.wait_quiet_max)
                     outcomes, wall, cpu = await load.phase(n, args.duration, meter, warmup=warmup)
+                    if name == "gateway" and meter is not None:
+                        spread = connections_held(serving_pids(meter.groups["gateway"]()), targets[name].port)
                 finally:
                     await load.close()
                 if args.timeline:
                     write_timeline(args.timeline, row["scenario"], name, outcomes)
                 row[name] = summarise(outcomes, wall)
                 row[name]["cpu"] = cpu_summary(cpu, len(outcomes))
+                if name == "gateway" and meter is not None:
+                    row[name]["connections_per_process"] = spread
                 lat = row[name]["latency_ms"]
                 log(f"    {row[name]['req_per_s']:.0f} req/s, p50 {fmt(lat['p50'])} ms, p95 {fmt(lat['p95'])} ms, "
                     f"p99 {fmt(lat['p99'])} ms, {row[name]['errors']} errors {row[name]['error_kinds'] or ''}")
@@ -1043,9 +1081,11 @@ def print_report(info: dict, results: list[dict], check: dict) -> None:
             cpu = row[name]["cpu"]
             per = cpu["ms_per_request"]
             split = cpu.get("gateway_split_pct") if name == "gateway" else None
+            conns = row[name].get("connections_per_process") or []
             print(f"{row['scenario']:<16}{name:<9}" + "".join(f"{fmt(per.get(n)):>10}" for n in names)
                   + f"{fmt(cpu['machine_busy_pct']):>8}"
-                  + (f"   gateway processes: {' / '.join(f'{p}%' for p in split)}" if split and len(split) > 1 else ""))
+                  + (f"   gateway processes: {' / '.join(f'{p}%' for p in split)}" if split and len(split) > 1 else "")
+                  + (f", connections {' / '.join(map(str, conns))}" if len(conns) > 1 else ""))
     print()
     print("Memory (resident, all processes of the target): at rest (after 50 requests at c=1, before the rest), peak")
     print("during the phase, and the growth over rest divided by the requests in flight (read it at the highest c):")
