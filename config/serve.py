@@ -170,8 +170,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s serve %(levelname)s %(message)s", stream=sys.stderr)
-    if not hasattr(socket, "SO_REUSEPORT"):
-        log.error("this platform has no SO_REUSEPORT; run uvicorn --workers instead")
+    if not sys.platform.startswith("linux") or not hasattr(socket, "SO_REUSEPORT"):
+        # Elsewhere SO_REUSEPORT either does not exist or does not spread
+        # connections (BSD and macOS hand them all to one socket).
+        log.error("config.serve needs Linux's SO_REUSEPORT; on %s run uvicorn --workers instead", sys.platform)
         return 2
     if _already_served(args.host, args.port):
         log.error("something already answers on %s:%s; refusing to share its port", args.host, args.port)

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing and /proc are Linux's")
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing and /proc are Linux's")
 
 
 def children(pid: int) -> list[int]:
@@ -111,6 +111,7 @@ def served():
         s.stop()
 
 
+@linux_only
 def test_keep_alive_connections_spread_over_the_workers_whatever_they_are_doing(served):
     """A client pool connects while one worker is busy (here: stopped). On a
     shared socket (uvicorn --workers) the other worker accepts all of them
@@ -139,6 +140,7 @@ def test_keep_alive_connections_spread_over_the_workers_whatever_they_are_doing(
             c.close()
 
 
+@linux_only
 def test_a_dead_worker_is_replaced_and_serving_goes_on(served):
     s = served()
     first = s.workers()
@@ -148,6 +150,7 @@ def test_a_dead_worker_is_replaced_and_serving_goes_on(served):
     assert s.proc.poll() is None
 
 
+@linux_only
 def test_sigterm_stops_every_worker(served):
     s = served()
     pids = s.workers()
@@ -158,6 +161,7 @@ def test_sigterm_stops_every_worker(served):
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
+@linux_only
 def test_workers_follow_a_supervisor_killed_outright(served):
     s = served()
     pids = s.workers()
@@ -171,6 +175,7 @@ def test_workers_follow_a_supervisor_killed_outright(served):
         socket.create_connection(("127.0.0.1", s.port), timeout=1).close()
 
 
+@linux_only
 def test_a_port_already_served_is_refused_with_a_reason(served):
     s = served(workers=1)
     second = subprocess.run(
@@ -189,3 +194,11 @@ def test_a_port_already_served_is_refused_with_a_reason(served):
 def test_bad_arguments_are_refused_before_anything_starts(args, message):
     out = subprocess.run([sys.executable, "-m", "config.serve", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and message in out.stderr
+
+
+def test_elsewhere_it_says_to_use_uvicorn_instead(monkeypatch, caplog):
+    from config import serve
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert serve.main(["--port", "8000"]) == 2
+    assert "run uvicorn --workers instead" in caplog.text
