@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.gateway_overhead import connections_held
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,25 +38,6 @@ def workers(pid: int) -> list[int]:
         except OSError:
             pass
     return out
-
-
-def established_on(pid: int, port: int) -> int:
-    """Established TCP connections to `port` held by process `pid`."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            f = line.split()
-            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "01" and f[9] in inodes:
-                count += 1
-    return count
 
 
 class Served:
@@ -131,7 +113,7 @@ def test_keep_alive_connections_spread_over_the_workers_whatever_they_are_doing(
             c.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{s.port}\r\n\r\n".encode())
         for c in conns:
             assert c.recv(4096).startswith(b"HTTP/1.1 200"), "answered, and kept open"
-        held = [established_on(pid, s.port) for pid in (busy, other)]
+        held = connections_held([busy, other], s.port)
         assert sum(held) == 60
         # Hashed over 2 sockets, 60 connections split 30 +/- 4; 15 is 4 sd away.
         assert min(held) >= 15, f"connections per worker: {held}"

@@ -415,6 +415,10 @@ class _StreamState:
 MAX_STREAM_EVENT_BYTES = 1 << 20
 
 
+def _event_too_long() -> GatewayError:
+    return provider.malformed(f"a stream event is longer than {MAX_STREAM_EVENT_BYTES:,} bytes")
+
+
 def _sse_error(err: GatewayError) -> bytes:
     return b"data: " + orjson.dumps(err.body()) + b"\n\n"
 
@@ -445,7 +449,7 @@ async def _stream(admitted: Admitted, chat: ChatRequest, request_id: str, starte
             record) and relayed as it came, without a decode/encode round trip."""
             nonlocal done, err
             if len(line) > MAX_STREAM_EVENT_BYTES:
-                err = provider.malformed(f"a stream event is longer than {MAX_STREAM_EVENT_BYTES:,} bytes")
+                err = _event_too_long()
                 return
             if not line.startswith(b"data:"):
                 return
@@ -467,6 +471,15 @@ async def _stream(admitted: Admitted, chat: ChatRequest, request_id: str, starte
                 return  # the client did not ask for the usage chunk
             out.append(b"data: " + data + b"\n\n")
 
+        def take_all(lines: list[bytes]) -> bytes:
+            """The events to relay from these lines, up to [DONE] or an error."""
+            out: list[bytes] = []
+            for line in lines:
+                take(line, out)
+                if done or err is not None:
+                    break
+            return b"".join(out)
+
         try:
             # Whatever one read from the provider brought is relayed as one
             # write to the client: a provider that sends its events in a burst
@@ -474,23 +487,16 @@ async def _stream(admitted: Admitted, chat: ChatRequest, request_id: str, starte
             pending = b""
             async for piece in upstream.content.iter_any():
                 *lines, pending = (pending + piece).split(b"\n")
-                out: list[bytes] = []
-                for line in lines:
-                    take(line, out)
-                    if done or err is not None:
-                        break
-                if out:
-                    yield b"".join(out)
+                if relayed := take_all(lines):
+                    yield relayed
                 if done or err is not None:
                     break
                 if len(pending) > MAX_STREAM_EVENT_BYTES:
-                    err = provider.malformed(f"a stream event is longer than {MAX_STREAM_EVENT_BYTES:,} bytes")
+                    err = _event_too_long()
                     break
             if not done and err is None and pending.strip():
-                out = []
-                take(pending, out)  # a last line without its newline
-                if out:
-                    yield b"".join(out)
+                if relayed := take_all([pending]):  # a last line without its newline
+                    yield relayed
             if not done and err is None:
                 err = provider.upstream_error(502, "The provider's stream ended before it was complete.", "upstream_stream_interrupted")
         except provider.TRANSPORT_ERRORS as exc:
