@@ -330,12 +330,15 @@ def django_setup(database_url: str) -> None:
     django.setup()
 
 
-def seed(run_id: str, *, with_budgets: bool = False) -> tuple[str, int]:
+def seed(run_id: str, *, with_budgets: bool = False, with_rate_limits: bool = False) -> tuple[str, int]:
     """Catalogue, the bench application and a fresh key; returns (secret, key id).
 
     With budgets, the key belongs to a second application whose every request
     is reserved and settled against three budgets (application, key, step) and
-    evaluated against a degradation ladder (a rung at 90 % that never fires)."""
+    evaluated against a degradation ladder (a rung at 90 % that never fires).
+    With rate limits, the application and the key get request and token limits
+    per minute far above what the run sends: counted in Redis for every
+    request, never reached."""
     from budgets.catalogue import seed_catalogue
     from governance.models import Application
     from governance.services import create_api_key
@@ -348,16 +351,20 @@ def seed(run_id: str, *, with_budgets: bool = False) -> tuple[str, int]:
             slug=slug, name="Gateway overhead benchmark" + (" (budgets)" if with_budgets else ""),
             default_model="gpt-4o-mini", status=Application.Status.PILOT,
         )
-    # No response cache and no rate limits on the benchmark application: every
-    # request must go to the provider, and none may be throttled.
+    # No response cache on the benchmark application: every request must go
+    # to the provider. Rate limits only when asked, and never reached.
+    limit_rpm, limit_tpm = (10**9, 2 * 10**9) if with_rate_limits else (None, None)
     changed = []
-    for field, neutral in (("response_cache_ttl_s", 0), ("requests_per_minute", None), ("tokens_per_minute", None)):
+    for field, neutral in (("response_cache_ttl_s", 0), ("requests_per_minute", limit_rpm), ("tokens_per_minute", limit_tpm)):
         if hasattr(app, field) and getattr(app, field) != neutral:
             setattr(app, field, neutral)
             changed.append(field)
     if changed:
         app.save(update_fields=changed)
     issued = create_api_key(application=app, name=f"benchmark run {run_id}")
+    if with_rate_limits:
+        issued.api_key.requests_per_minute, issued.api_key.tokens_per_minute = limit_rpm, limit_tpm
+        issued.api_key.save(update_fields=["requests_per_minute", "tokens_per_minute"])
     if with_budgets:
         from decimal import Decimal
 
@@ -1000,6 +1007,7 @@ def machine_info(args, db: dict) -> dict:
         "simulator_jitter_ms": args.sim_jitter_ms,
         "ramp_s": args.ramp_s,
         "gateway_redis": bool(args.redis_url or os.environ.get("REDIS_URL")),
+        "rate_limits": args.rate_limits,
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         "cpu_calibration_ms_at_start": cpu_calibration_ms(),
     }
@@ -1050,7 +1058,8 @@ def print_report(info: dict, results: list[dict], check: dict) -> None:
           f"simulator --latency-ms {info['simulator_latency_ms']:g}"
           + (f" --jitter-ms {info['simulator_jitter_ms']:g}" if info.get("simulator_jitter_ms") else "")
           + "; latency = request sent -> full answer read; "
-          f"shared cache: {'Redis' if info['gateway_redis'] else 'per-process memory'}")
+          f"shared cache: {'Redis' if info['gateway_redis'] else 'per-process memory'}"
+          + ("; rate limits per key and application (never reached)" if info.get("rate_limits") else ""))
     print()
     print(table(results))
     for row in results:
@@ -1148,6 +1157,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default="gpt-4o-mini")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds")
+    p.add_argument("--rate-limits", action="store_true",
+                   help="give the application and the key request and token limits per minute (never reached), "
+                        "so every request is also counted against them")
     p.add_argument("--budgets", action="store_true",
                    help="reserve and settle every request against three budgets and evaluate a ladder")
     p.add_argument("--gateway-env", action="append", default=[], metavar="NAME=VALUE",
@@ -1208,7 +1220,7 @@ def main(argv=None) -> int:
     base_env.pop("DJANGO_SETTINGS_MODULE", None)
     migrate(base_env)
     django_setup(args.database_url)
-    secret, key_id = seed(run_id, with_budgets=args.budgets)
+    secret, key_id = seed(run_id, with_budgets=args.budgets, with_rate_limits=args.rate_limits)
     db = database_info()
     info = machine_info(args, db)
 
