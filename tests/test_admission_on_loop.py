@@ -59,17 +59,24 @@ def test_a_request_decided_from_memory_is_admitted_on_the_loop(gateway, warm):
     assert call.estimated_prompt_tokens == warm_call.estimated_prompt_tokens
 
 
-def test_the_rate_limits_are_counted_on_a_thread(gateway, warm):
+def test_rate_limited_requests_are_admitted_and_refused_on_the_loop(gateway, warm):
+    """The counters are in Redis; counting them needs no database thread, so
+    an application with rate limits stays on the loop, and the limit holds."""
     app, secret = warm
-    app.requests_per_minute = 1
+    app.requests_per_minute = 2
     app.save()
     config_cache.changed()
-    assert ask(gateway, secret, "rl-1").status_code == 200
-    before = admissions("thread", "rate limits")
-    r = ask(gateway, secret, "rl-2")
-    assert r.status_code == 429 and "Retry-After" in r.headers
-    assert admissions("thread", "rate limits") == before + 1
-    assert ProviderCall.objects.get(request_id="rl-2").status == "refused"
+    assert ask(gateway, secret, "rl-1").status_code == 200  # may refresh the configuration on a thread
+    before = admissions("loop")
+    assert ask(gateway, secret, "rl-2").status_code == 200
+    r = ask(gateway, secret, "rl-3")
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(r.headers["Retry-After"]) <= 61
+    assert admissions("loop") == before + 2, "both admitted on the loop, the refused one too"
+    refused = ProviderCall.objects.get(request_id="rl-3")
+    assert refused.status == "refused" and refused.decisions[-1] == {"kind": "refused", "by": "rate_limit"}
+    assert ProviderCall.objects.get(request_id="rl-2").status == "succeeded"
+    assert not refused.reservations.exists(), "nothing held for a refused request"
 
 
 def test_a_refusal_is_recorded_from_a_thread(gateway, warm):

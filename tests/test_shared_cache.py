@@ -139,3 +139,47 @@ def test_successes_reach_the_shared_count_within_the_flush_interval():
     breaker.record(key, False)  # ... go with the failure
     assert breaker._window(key, time.time()) == (9, 1)
     assert breaker.allow(key)  # 1 failure in 9 calls: still closed
+
+
+def test_rate_limit_counters_read_the_same_from_either_path():
+    """The event loop's path (asyncio Redis) and a thread's (the cache
+    client) count into the same counters, readable through the cache API."""
+    import asyncio
+
+    caches["default"].clear()
+    assert shared.incr_many([("probe:rl:r", 1), ("probe:rl:t", 250)], 70) == [1, 250]
+    assert asyncio.run(shared.incr_many_async([("probe:rl:r", 1), ("probe:rl:t", 40)], 70)) == [2, 290]
+    assert shared.incr_many([("probe:rl:r", 1)], 70) == [3]
+    assert shared.get_many(["probe:rl:r", "probe:rl:t"]) == {"probe:rl:r": 3, "probe:rl:t": 290}
+
+
+@needs_redis
+def test_rate_limit_counters_expire_from_their_first_use_on_the_loop():
+    import asyncio
+
+    caches["default"].clear()
+    asyncio.run(shared.incr_many_async([("probe:rl:ttl", 1)], 40))
+    client = caches["default"]._cache.get_client()
+    key = caches["default"].make_and_validate_key("probe:rl:ttl")
+    first = client.ttl(key)
+    assert 0 < first <= 40
+    asyncio.run(shared.incr_many_async([("probe:rl:ttl", 1)], 99))  # a later use does not extend it
+    assert client.ttl(key) <= first
+
+
+@needs_redis
+def test_redis_down_on_the_loop_counts_in_memory_and_says_so(settings, caplog):
+    """A dead Redis costs the request one short timeout, then the counters
+    live in this process's memory and /readyz's status says why."""
+    import asyncio
+
+    dead = {**settings.CACHES["default"], "LOCATION": "redis://127.0.0.1:1/0"}
+    settings.CACHES = {**settings.CACHES, "default": dead}
+    try:
+        assert asyncio.run(shared.incr_many_async([("probe:rl:down", 1)], 70)) == [1]
+        assert shared.status() and "per-process fallback" in shared.status()
+        # while Redis is marked down nobody waits for it again
+        assert asyncio.run(shared.incr_many_async([("probe:rl:down", 2)], 70)) == [3]
+    finally:
+        shared._down_until, shared._down_since = 0.0, None
+        shared._local.clear()

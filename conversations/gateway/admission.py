@@ -251,6 +251,12 @@ class Pending:
     chat: ChatRequest
     routes: list[Route]
     policy: Policy
+    limits: list[ratelimit.Limit] = field(default_factory=list)  # still to count (prepare's count_later)
+    limit_tokens: int = 0
+
+    def rate_limited(self, err: GatewayError) -> GatewayError:
+        """Records the refusal (on a database thread) and returns it."""
+        return self.refuse(err, decisions=_rate_limited(self.plan.decisions))
 
     def over_budget(self, exc: BudgetExceeded) -> GatewayError:
         """Records the refusal (a query: on a database thread) and returns it."""
@@ -319,7 +325,7 @@ async def admit_async(**request) -> Admitted:
         return admitted
     try:
         with offline.io_forbidden():  # most requests: decided from memory, here on the loop
-            pending = prepare(**request)
+            pending = prepare(**request, count_later=True)
             open_request = recording_sql.OpenRequest.of(**pending.open_fields)
         opened = None
         metrics.ADMISSIONS.labels("loop", "").inc()
@@ -328,6 +334,11 @@ async def admit_async(**request) -> Admitted:
             log.warning("gateway.undeclared_io_in_admission", request_id=request["request_id"])
         metrics.ADMISSIONS.labels("thread", str(needed) if isinstance(needed, offline.NeedsIO) else "undeclared").inc()
         pending, open_request, opened = await db_section(_prepare_and_open_if_idle, **request)
+    if pending.limits:  # admitted on the loop: the rate limits are counted in Redis from here
+        try:
+            await ratelimit.check_async(limits=pending.limits, tokens=pending.limit_tokens)
+        except GatewayError as err:
+            raise (await db_section(pending.rate_limited, err=err)) from None
     t1 = time.perf_counter()
     if opened is None:
         try:
@@ -360,10 +371,13 @@ def prepare(
     body_error: GatewayError | None,
     started: float,
     api_key: ApiKey | None = None,
+    count_later: bool = False,
 ) -> Pending:
     """Everything before the call is opened: authentication, the request's
     checks, model and price, token count, budgets, ladder and rate limits. A
-    refusal is recorded here and raised."""
+    refusal is recorded here and raised. With count_later the rate limits
+    are left to the caller (Pending.limits), who counts them from the event
+    loop (admit_async)."""
     try:
         config_cache.refresh()
         if api_key is None:
@@ -468,12 +482,12 @@ def prepare(
         for r in routes
     )
     limits = _limits(app, api_key)
-    if limits:
-        offline.needs_io("rate limits")
-    try:
-        ratelimit.check(limits=limits, tokens=plan.input_tokens + (plan.max_tokens or 0))
-    except GatewayError as err:
-        raise refuse(err, decisions=[*plan.decisions, {"kind": "refused", "by": "rate_limit"}]) from None
+    limit_tokens = plan.input_tokens + (plan.max_tokens or 0)
+    if not count_later:
+        try:
+            ratelimit.check(limits=limits, tokens=limit_tokens)
+        except GatewayError as err:
+            raise refuse(err, decisions=_rate_limited(plan.decisions)) from None
     policy = Policy.for_application(app)
     upstream = routes[0].upstream
     open_fields = dict(
@@ -499,5 +513,9 @@ def prepare(
     )
     return Pending(
         open_fields=open_fields, refuse=refuse, rules=rules, plan=plan, app=app, api_key=api_key, chat=chat,
-        routes=routes, policy=policy,
+        routes=routes, policy=policy, limits=limits if count_later else [], limit_tokens=limit_tokens,
     )
+
+
+def _rate_limited(decisions: list) -> list:
+    return [*decisions, {"kind": "refused", "by": "rate_limit"}]
