@@ -183,3 +183,23 @@ def test_redis_down_on_the_loop_counts_in_memory_and_says_so(settings, caplog):
     finally:
         shared._down_until, shared._down_since = 0.0, None
         shared._local.clear()
+
+
+@needs_redis
+def test_concurrent_requests_share_pipelines_and_each_gets_its_own_count():
+    """Requests counting at the same time go out together, and each still
+    reads the count its own increment made: 1 to 30, each once."""
+    import asyncio
+
+    caches["default"].clear()
+    client = caches["default"]._cache.get_client()
+    before = client.info("commandstats").get("cmdstat_incrby", {}).get("calls", 0)
+
+    async def burst():
+        return await asyncio.gather(*(shared.incr_many_async([("probe:rl:burst", 1), ("probe:rl:burst-t", 10)], 70) for _ in range(30)))
+
+    counts = asyncio.run(burst())
+    assert sorted(c[0] for c in counts) == list(range(1, 31))
+    assert all(t == 10 * r for r, t in counts), "a request's counters come from the same increments"
+    assert client.info("commandstats")["cmdstat_incrby"]["calls"] - before == 60
+    assert shared.get("probe:rl:burst") == 30
