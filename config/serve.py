@@ -16,16 +16,25 @@ a growing pause if it keeps dying at start-up, giving up after five such
 deaths in a row), and on SIGTERM or SIGINT asks them to finish their requests
 (uvicorn's graceful shutdown) and kills what is left after --graceful-timeout.
 Linux only (SO_REUSEPORT with load balancing).
+
+Metrics: the workers write their Prometheus metrics to files in
+PROMETHEUS_MULTIPROC_DIR (prometheus-client's multiprocess mode; a fresh
+temporary directory unless one is given, emptied at start), so /metrics
+answers for all workers together whichever one serves the scrape, and the
+counts of a worker that died stay in the totals.
 """
 
 import argparse
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
+from pathlib import Path
 from multiprocessing.connection import wait
 
 log = logging.getLogger("serve")
@@ -121,6 +130,7 @@ class Supervisor:
                 lived = time.monotonic() - self.started_at[slot]
                 self.quick_deaths[slot] = self.quick_deaths.get(slot, 0) + 1 if lived < QUICK_DEATH_S else 0
                 log.warning("worker %s (pid %s) exited with %s after %.1f s", slot, proc.pid, proc.exitcode, lived)
+                _metrics_of_dead_worker(proc.pid)
                 if self.quick_deaths[slot] >= MAX_QUICK_DEATHS:
                     log.error("worker %s died %s times in a row at start-up; stopping (see its log above)",
                               slot, MAX_QUICK_DEATHS)
@@ -143,6 +153,28 @@ class Supervisor:
                 proc.kill()
                 proc.join(timeout=5)
         log.info("stopped")
+
+
+def _shared_metrics_dir() -> tuple[str, bool]:
+    """The workers' metrics directory, emptied (files of an earlier run
+    would be added to this one's counts); True if it was created here."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not given:
+        path = tempfile.mkdtemp(prefix="gateway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path  # inherited by the workers
+        return path, True
+    Path(given).mkdir(parents=True, exist_ok=True)
+    for stale in Path(given).glob("*.db"):
+        stale.unlink()
+    return given, False
+
+
+def _metrics_of_dead_worker(pid: int) -> None:
+    """Counters and histograms keep a dead worker's counts; gauges of the
+    live kinds drop them."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -187,10 +219,13 @@ def main(argv=None) -> int:
         return 2
     options = {k: getattr(args, k) for k in ("host", "port", "app", "loop", "http", "lifespan", "log_level", "backlog", "graceful_timeout")}
     options["supervisor_pid"] = os.getpid()
+    metrics_dir, made_here = _shared_metrics_dir()
     try:
         return Supervisor(options, args.workers).run()
     finally:
         probe.close()
+        if made_here:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Liveness, readiness and metrics endpoints for the process supervisor and Prometheus."""
 
+import os
+
 from django.conf import settings
 from django.db import connection
 from django.http import HttpResponse, JsonResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 
 
 def healthz(request):
@@ -66,4 +68,10 @@ def readyz(request):
 
 
 def metrics(request):
-    return HttpResponse(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+    """Under config.serve the workers share their metrics through files
+    (PROMETHEUS_MULTIPROC_DIR): this answers for all of them."""
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

@@ -258,16 +258,19 @@ def test_client_gone_while_the_call_is_opened_leaves_no_hold_behind(gateway, sim
 
 # --- infrastructure going away -----------------------------------------------------
 
-def _gateway_process(env_overrides):
+def database_url() -> str:
+    """The test database, for a gateway started in another process."""
     from django.db import connection
 
     s = connection.settings_dict
     if connection.vendor == "sqlite":
-        db = f"sqlite:///{s['NAME']}"
-    else:
-        db = f"postgres://{s['USER']}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+        return f"sqlite:///{s['NAME']}"
+    return f"postgres://{s['USER']}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+
+
+def _gateway_process(env_overrides):
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": db, "LOG_LEVEL": "WARNING", **env_overrides}
+    env = {**os.environ, "DATABASE_URL": database_url(), "LOG_LEVEL": "WARNING", **env_overrides}
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port), "--lifespan", "off", "--log-level", "warning"],
         cwd=django_settings.BASE_DIR, env=env, stderr=subprocess.PIPE, text=True,

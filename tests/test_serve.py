@@ -41,13 +41,13 @@ def workers(pid: int) -> list[int]:
 
 
 class Served:
-    def __init__(self, *extra: str, workers: int = 2):
+    def __init__(self, *extra: str, workers: int = 2, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "config.serve", "--port", str(self.port), "--workers", str(workers),
              "--graceful-timeout", "5", *extra],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
         )
         self.wait_for(lambda: len(self.workers()) == workers and self.healthy(), what="workers answering")
 
@@ -184,3 +184,37 @@ def test_elsewhere_it_says_to_use_uvicorn_instead(monkeypatch, caplog):
     monkeypatch.setattr(sys, "platform", "darwin")
     assert serve.main(["--port", "8000"]) == 2
     assert "run uvicorn --workers instead" in caplog.text
+
+
+def _refused_requests_counted(url: str) -> float:
+    """gateway_requests_total summed over its labels, as one scrape reports it."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text  # a new connection: either worker may answer
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("gateway_requests_total{")
+    )
+
+
+@linux_only
+def test_metrics_count_every_worker_s_requests_whichever_answers_the_scrape(served, transactional_db, tmp_path):
+    """Each worker counts the requests it serves; a scrape answered by
+    either one reports all of them, and a worker that dies takes none of
+    its counts with it. Counts left in the directory by an earlier run are
+    not added."""
+    from tests.test_resilience import database_url
+
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_99999.db").write_bytes(b"left over from an earlier run")
+    s = served(env={"DATABASE_URL": database_url(), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+    for i in range(20):  # a connection each: spread over both workers by the kernel
+        r = httpx.post(f"{s.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
+                       headers={"Authorization": "Bearer gk_not-a-key", "X-Request-ID": f"metrics-{i}"}, timeout=30)
+        assert r.status_code == 401
+    assert {_refused_requests_counted(s.url) for _ in range(10)} == {20.0}
+
+    victim = s.workers()[0]
+    os.kill(victim, signal.SIGKILL)
+    s.wait_for(lambda: len(s.workers()) == 2 and victim not in s.workers(), what="replacement worker")
+    assert {_refused_requests_counted(s.url) for _ in range(10)} == {20.0}

@@ -1,7 +1,10 @@
 """Prometheus metrics for the gateway (served at /metrics).
 
-Per process: run one scrape target per worker, or set
-PROMETHEUS_MULTIPROC_DIR for prometheus-client's multiprocess mode."""
+Under python -m config.serve the workers share them through files
+(prometheus-client's multiprocess mode, config/serve.py), so one scrape
+covers every worker. Under another server they are per process unless
+PROMETHEUS_MULTIPROC_DIR is set the same way. Only counters and histograms:
+gauges would need a multiprocess mode each."""
 
 from prometheus_client import Counter, Histogram
 
