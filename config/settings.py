@@ -107,6 +107,9 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Cache / broker -------------------------------------------------------
 REDIS_URL = env.str("REDIS_URL", default="")
+# /metrics: with a token, only scrapes that send it (Authorization: Bearer);
+# without one, only scrapes from this machine (governance/health.py).
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 if REDIS_URL:
     CACHES = {
         "default": {

@@ -1,5 +1,7 @@
 """Liveness, readiness and metrics endpoints for the process supervisor and Prometheus."""
 
+import hmac
+import ipaddress
 import os
 
 from django.conf import settings
@@ -67,9 +69,40 @@ def readyz(request):
     return JsonResponse(body, status=200 if body["status"] == "ready" else 503)
 
 
+def _scrape_refused(request) -> JsonResponse | None:
+    """The gateway faces the bots, so its metrics (traffic, outcomes, error
+    codes) are not for anyone who can reach it: a scraper sends
+    METRICS_TOKEN, or, with none set, scrapes from this machine (behind a
+    proxy, uvicorn takes the client address from X-Forwarded-For)."""
+    token = settings.METRICS_TOKEN
+    if token:
+        scheme, _, sent = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(sent.strip().encode(), token.encode()):
+            return None
+        resp = _error(401, "Send the metrics token: Authorization: Bearer <METRICS_TOKEN>.", "authentication_error", "metrics_token_required")
+        resp["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        return resp
+    try:
+        local = ipaddress.ip_address(request.META.get("REMOTE_ADDR", "")).is_loopback
+    except ValueError:
+        local = False
+    if local:
+        return None
+    return _error(
+        403, "Metrics are served to this machine only; set METRICS_TOKEN to scrape from elsewhere.",
+        "permission_error", "metrics_local_only",
+    )
+
+
+def _error(status: int, message: str, type_: str, code: str) -> JsonResponse:
+    return JsonResponse({"error": {"message": message, "type": type_, "code": code, "param": None}}, status=status)
+
+
 def metrics(request):
     """Under config.serve the workers share their metrics through files
     (PROMETHEUS_MULTIPROC_DIR): this answers for all of them."""
+    if (refused := _scrape_refused(request)) is not None:
+        return refused
     registry = REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()

@@ -92,3 +92,26 @@ def _db_sessions() -> int:
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
         return cursor.fetchone()[0]
+
+
+def test_metrics_are_for_this_machine_unless_a_token_is_set(client, db):
+    """The gateway faces the bots: its traffic figures are not for anyone
+    who can reach it."""
+    assert client.get("/metrics", REMOTE_ADDR="127.0.0.1").status_code == 200
+    assert client.get("/metrics", REMOTE_ADDR="::1").status_code == 200
+    far = client.get("/metrics", REMOTE_ADDR="203.0.113.9")
+    assert far.status_code == 403
+    assert far.json()["error"]["code"] == "metrics_local_only" and "METRICS_TOKEN" in far.json()["error"]["message"]
+    assert b"gateway_requests_total" not in far.content
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-token", "Basic czNjcjN0LW1ldHJpY3M=", "Bearer "])
+def test_with_a_metrics_token_every_scrape_must_send_it(client, db, settings, authorization):
+    settings.METRICS_TOKEN = "s3cr3t-metrics"
+    headers = {"HTTP_AUTHORIZATION": authorization} if authorization else {}
+    refused = client.get("/metrics", REMOTE_ADDR="127.0.0.1", **headers)  # from this machine too
+    assert refused.status_code == 401 and refused["WWW-Authenticate"].startswith("Bearer")
+    assert refused.json()["error"]["code"] == "metrics_token_required"
+    assert b"gateway_requests_total" not in refused.content
+    ok = client.get("/metrics", REMOTE_ADDR="203.0.113.9", HTTP_AUTHORIZATION="Bearer s3cr3t-metrics")
+    assert ok.status_code == 200 and b"gateway_requests_total" in ok.content
