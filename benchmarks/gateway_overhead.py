@@ -155,16 +155,18 @@ def _pids_named(comm: str) -> list[int]:
     return pids
 
 
-def connections_held(pids: list[int], port: int) -> list[int]:
+def connections_held(pids: list[int], port: int, *, listening: bool = False) -> list[int]:
     """Established TCP connections on `port` held by each of these processes
-    (Linux /proc; empty elsewhere): how the clients' keep-alive connections
-    were spread over the gateway's workers."""
+    (Linux /proc; zeros elsewhere): how the clients' keep-alive connections
+    were spread over the gateway's workers. With listening, the listening
+    sockets instead: 1 for each config.serve worker that has joined the port."""
+    state = "0A" if listening else "01"
     tcp_rows = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError):
             tcp_rows += Path(table).read_text().splitlines()[1:]
     established = {f[9] for f in (r.split() for r in tcp_rows)
-                   if len(f) > 9 and f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port}
+                   if len(f) > 9 and f[3] == state and int(f[1].rsplit(":", 1)[1], 16) == port}
     held = []
     for pid in pids:
         n = 0
@@ -453,6 +455,7 @@ class Gateway:
             cmd = [sys.executable, "-m", "config.serve", "--app", app, *common]
         else:  # uvicorn's own workers, sharing one listening socket
             cmd = [sys.executable, "-m", "uvicorn", app, "--no-access-log", *common]
+        self.server, self.workers = server, workers
         self.proc = subprocess.Popen(
             cmd, cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL,
             stdout=self.logfile, stderr=subprocess.STDOUT, start_new_session=True,
@@ -471,13 +474,21 @@ class Gateway:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode} (log {self.logfile.name}):\n{self.tail()}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200 and self._all_listening():
                     return
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"gateway did not answer /healthz within {timeout:g}s:\n{self.tail()}")
             time.sleep(0.1)
+
+    def _all_listening(self) -> bool:
+        """config.serve's workers join the port once started: the load's
+        connections must not all go to the first one up."""
+        if self.server != "serve" or self.workers < 2 or not sys.platform.startswith("linux"):
+            return True
+        workers = serving_pids(self.pids()[1:])
+        return len(workers) == self.workers and connections_held(workers, self.port, listening=True) == [1] * self.workers
 
     def tail(self, lines: int = 40) -> str:
         try:

@@ -81,7 +81,6 @@ def _worker(options: dict) -> None:
     import uvicorn
 
     _exit_with_the_supervisor(options["supervisor_pid"])
-    sock = listening_socket(options["host"], options["port"], backlog=options["backlog"])
     config = uvicorn.Config(
         options["app"],
         loop=options["loop"],
@@ -91,6 +90,12 @@ def _worker(options: dict) -> None:
         access_log=False,
         timeout_graceful_shutdown=options["graceful_timeout"],
     )
+    # The application (Django, the token encoder) is imported before this
+    # worker joins the port: from the moment its socket listens, the kernel
+    # hands it a share of new connections, which would wait out the seconds
+    # of start-up of a replacement worker.
+    config.load()
+    sock = listening_socket(options["host"], options["port"], backlog=options["backlog"])
     uvicorn.Server(config).run(sockets=[sock])
 
 
