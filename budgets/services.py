@@ -243,7 +243,6 @@ def release(*, call_id: int) -> int:
 def expire_stale_reservations(*, now: datetime | None = None, batch: int = 500) -> int:
     """Release holds past their expiry (their process died) and close the
     calls they belonged to as interrupted."""
-    from conversations.models import ProviderCall
     from conversations.services import INTERRUPTED, close_as_interrupted
 
     now = now or timezone.now()
@@ -256,10 +255,7 @@ def expire_stale_reservations(*, now: datetime | None = None, batch: int = 500) 
     for call_id in call_ids:
         with transaction.atomic():
             expired += _close(call_id=call_id, status=Reservation.Status.EXPIRED, cost_usd=None, tokens=None, include_expired=False)
-            close_as_interrupted(
-                calls=ProviderCall.objects.filter(pk=call_id),
-                message=f"{INTERRUPTED} Its budget hold was released.",
-            )
+            close_as_interrupted(call_id=call_id, message=f"{INTERRUPTED} Its budget hold was released.")
     return expired
 
 

@@ -301,7 +301,8 @@ def _still_in_progress() -> Func:
     prove the partial index of calls in progress from it: given that index for
     a lookup by id, the planner scanned all of it (every call in flight and
     every entry left since the last vacuum) instead of using the primary key.
-    The reaper's bulk close wants exactly that index, and keeps the plain test."""
+    The reaper's bulk close wants exactly that index, and keeps the plain test
+    (close_as_interrupted); closing one call by id does not."""
     return Func(
         F("status"), Value(ProviderCall.Status.IN_PROGRESS), arg_joiner=" = ", template="((%(expressions)s) IS TRUE)",
         output_field=BooleanField(),
@@ -429,12 +430,18 @@ def record_rejection(
 INTERRUPTED = "The gateway process handling this call stopped before it finished."
 
 
-def close_as_interrupted(*, calls, now=None, message: str = INTERRUPTED) -> int:
-    """Close still-open calls as interrupted. A deliberate queryset update
-    (no per-row signals); the status filter means a call finishing at this
+def close_as_interrupted(*, calls=None, call_id: int | None = None, now=None, message: str = INTERRUPTED) -> int:
+    """Close still-open calls as interrupted: those of a queryset (the bulk
+    close, through the partial index of calls in progress) or one by its id
+    (by primary key: see _still_in_progress). A deliberate queryset update
+    (no per-row signals); the status test means a call finishing at this
     very moment is never touched."""
     now = now or timezone.now()
-    return calls.filter(status=ProviderCall.Status.IN_PROGRESS).update(
+    if call_id is not None:
+        calls = ProviderCall.objects.filter(_still_in_progress(), pk=call_id)
+    else:
+        calls = calls.filter(status=ProviderCall.Status.IN_PROGRESS)
+    return calls.update(
         status=ProviderCall.Status.INTERRUPTED,
         outcome=ProviderCall.Outcome.FAILED,
         error_type="api_error",

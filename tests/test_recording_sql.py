@@ -355,3 +355,29 @@ def test_finishing_a_call_looks_it_up_by_id_not_through_every_call_in_flight(set
     assert after[0] == before[0], "a finish scanned the calls in progress"
     assert after[1] >= before[1] + len(calls)
     assert ProviderCall.objects.filter(application=app, status="succeeded").count() == 5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reaping_an_expired_hold_closes_its_call_by_id_not_through_every_call_in_flight():
+    """The reaper closes each call whose hold expired. Found through the
+    partial index of calls in progress, each close walked every call in
+    flight; by primary key it touches only its own."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from budgets.services import expire_stale_reservations
+
+    _, price = make_model()
+    app, key, budgets = _world("reaped")
+    calls = [_open(key, budgets[1:2], price, request_id=f"stale-{n}", tokens=100)[0] for n in range(5)]
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_stat_force_next_flush()")
+    before = _index_scans("call_in_progress_idx")
+    assert expire_stale_reservations(now=timezone.now() + timedelta(hours=1)) == 5
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_stat_force_next_flush()")
+    assert _index_scans("call_in_progress_idx") == before, "closing one call scanned the calls in progress"
+    closed = ProviderCall.objects.filter(pk__in=[c.call_id for c in calls])
+    assert sorted(closed.values_list("status", flat=True)) == ["interrupted"] * 5
+    assert all("budget hold was released" in m for m in closed.values_list("error_message", flat=True))
