@@ -206,11 +206,13 @@ def test_budget_filled_between_the_two_checks_refuses_and_writes_nothing():
     thread = threading.Thread(target=second)
     thread.start()
     watcher = raw_connection()
-    _wait_for_lock_waiter(watcher)  # it passed the unlocked check and inserted, and now waits for the row
-    raw.commit()
-    thread.join(timeout=20)
-    raw.close()
-    watcher.close()
+    try:
+        _wait_for_lock_waiter(watcher)  # it passed the unlocked check and inserted, and now waits for the row
+        raw.commit()
+    finally:  # a failure must not leave the row locked: the teardown's flush would wait for it forever
+        raw.close()
+        watcher.close()
+        thread.join(timeout=20)
 
     assert isinstance(outcome.get("error"), BudgetExceeded), outcome
     assert metrics.BUDGET_RACES._value.get() == races + 1
