@@ -185,8 +185,8 @@ async def incr_many_async(counters: list[tuple[str, int]], ttl: int) -> list[int
     try:
         counts = await batcher.incr(counters, ttl)
     except _ERRORS as exc:
-        _failed(exc)
-        return [_local_incr(key, delta, ttl) for key, delta in counters]
+        _failed(exc)  # from now on _backend() is this process's memory
+        return incr_many(counters, ttl)
     _ok(backend)
     return counts
 
@@ -196,11 +196,6 @@ def _queue_incr(pipe, backend, counters: list[tuple[str, int]], ttl: int) -> Non
         full = backend.make_and_validate_key(key)
         pipe.incrby(full, delta)
         pipe.expire(full, int(ttl), nx=True)
-
-
-def _local_incr(key: str, delta: int, ttl: int) -> int:
-    _local.add(key, 0, ttl)
-    return _local.incr(key, delta)
 
 
 class _IncrBatcher:
