@@ -241,10 +241,12 @@ class _IncrBatcher:
                         future.set_result([int(c) for c in replies[at:n + at:2]])
                     at += n
         finally:
+            # Only reached with requests still queued when this task itself was
+            # cancelled (the loop shutting down): nobody is left waiting for it.
             self._sending = False
-            for _, _, future in self._pending:  # cancelled while the loop ended: nobody is left waiting
-                if not future.done() and future.get_loop().is_closed():
-                    future.cancel()
+            left, self._pending = self._pending, []
+            for _, _, future in left:
+                future.cancel()
 
 
 # One batcher (one asyncio Redis client) per event loop: a client's
