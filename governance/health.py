@@ -95,7 +95,10 @@ def _scrape_refused(request) -> JsonResponse | None:
 
 
 def _error(status: int, message: str, type_: str, code: str) -> JsonResponse:
-    return JsonResponse({"error": {"message": message, "type": type_, "code": code, "param": None}}, status=status)
+    """The platform's one error shape (conversations/gateway/errors.py)."""
+    from conversations.gateway.errors import GatewayError
+
+    return JsonResponse(GatewayError(status, message, code, type=type_).body(), status=status)
 
 
 def metrics(request):
