@@ -180,6 +180,12 @@ def connections_held(pids: list[int], port: int, *, listening: bool = False) -> 
     return held
 
 
+def all_listening(workers: list[int], port: int, count: int) -> bool:
+    """All `count` config.serve workers are up and each listens on the port
+    (they join it once started)."""
+    return len(workers) == count and connections_held(workers, port, listening=True) == [1] * count
+
+
 def serving_pids(pids: list[int]) -> list[int]:
     """The worker processes among a gateway's pids (multiprocessing children),
     or all of them when a single process serves."""
@@ -487,8 +493,7 @@ class Gateway:
         connections must not all go to the first one up."""
         if self.server != "serve" or self.workers < 2 or not sys.platform.startswith("linux"):
             return True
-        workers = serving_pids(self.pids()[1:])
-        return len(workers) == self.workers and connections_held(workers, self.port, listening=True) == [1] * self.workers
+        return all_listening(serving_pids(self.pids()[1:]), self.port, self.workers)
 
     def tail(self, lines: int = 40) -> str:
         try:

@@ -27,6 +27,16 @@ def raw_connection(dbname: str | None = None, **kwargs):
                            port=s["PORT"] or None, password=s["PASSWORD"] or None, **kwargs)
 
 
+def database_url() -> str:
+    """The test database, for a gateway started in another process."""
+    from django.db import connection
+
+    s = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{s['NAME']}"
+    return f"postgres://{s['USER']}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+
+
 @pytest.fixture(scope="session")
 def simulator():
     from simulator.testing import start_simulator_process

@@ -18,7 +18,7 @@ from conversations.gateway import breaker
 from conversations.models import ProviderCall
 from governance.models import FallbackRoute
 from tests.budget_helpers import make_budget
-from tests.conftest import free_port, raw_connection
+from tests.conftest import database_url, free_port, raw_connection
 
 MESSAGES = [{"role": "user", "content": "Is my order shipped?"}]
 
@@ -257,16 +257,6 @@ def test_client_gone_while_the_call_is_opened_leaves_no_hold_behind(gateway, sim
 
 
 # --- infrastructure going away -----------------------------------------------------
-
-def database_url() -> str:
-    """The test database, for a gateway started in another process."""
-    from django.db import connection
-
-    s = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return f"sqlite:///{s['NAME']}"
-    return f"postgres://{s['USER']}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
-
 
 def _gateway_process(env_overrides):
     port = free_port()

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.gateway_overhead import connections_held
-from tests.conftest import free_port
+from benchmarks.gateway_overhead import all_listening, connections_held
+from tests.conftest import database_url, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing and /proc are Linux's")
@@ -54,9 +54,7 @@ class Served:
 
     def all_serving(self) -> bool:
         """Every worker has joined the port (they do once started) and answers."""
-        pids = self.workers()
-        return (len(pids) == self.count and connections_held(pids, self.port, listening=True) == [1] * self.count
-                and self.healthy())
+        return all_listening(self.workers(), self.port, self.count) and self.healthy()
 
     def workers(self) -> list[int]:
         return workers(self.proc.pid)
@@ -215,8 +213,6 @@ def test_metrics_count_every_worker_s_requests_whichever_answers_the_scrape(serv
     either one reports all of them, and a worker that dies takes none of
     its counts with it. Counts left in the directory by an earlier run are
     not added."""
-    from tests.test_resilience import database_url
-
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     (metrics_dir / "counter_99999.db").write_bytes(b"left over from an earlier run")
