@@ -181,8 +181,11 @@ GATEWAY = {
     "PROVIDER_TIMEOUT_S": env.float("GATEWAY_PROVIDER_TIMEOUT_S", default=60.0),
     "PROVIDER_CONNECT_TIMEOUT_S": env.float("GATEWAY_PROVIDER_CONNECT_TIMEOUT_S", default=5.0),
     "DB_THREADS": env.int("GATEWAY_DB_THREADS", default=8),
-    # Most requests one group-commit transaction writes (Postgres).
-    "GROUP_COMMIT_MAX_BATCH": env.int("GATEWAY_GROUP_COMMIT_MAX_BATCH", default=64),
+    # Most requests one group-commit transaction writes (Postgres). Small
+    # batches keep a lone request from waiting behind a long transaction in a
+    # burst; 8 beat 64 on p99 in six of six alternating benchmark pairs
+    # (docs/performance.md), at a few percent of peak throughput.
+    "GROUP_COMMIT_MAX_BATCH": env.int("GATEWAY_GROUP_COMMIT_MAX_BATCH", default=8),
     # On Postgres, open and finish each call with one SQL function call
     # (conversations migration 0004) instead of the ORM's statements.
     "SQL_RECORDING": env.bool("GATEWAY_SQL_RECORDING", default=True),
