@@ -329,6 +329,72 @@ def test_a_batch_holds_and_settles_what_its_calls_one_by_one_would():
     assert statuses == ["released"] * 3 + ["settled"] * 9
 
 
+def _first_of_a_period(slug: str, price, *, batched: bool) -> dict:
+    """Four first requests of their budget periods and conversations, opened
+    and finished in one transaction each or as one batch per phase; the
+    first call's finish is sent twice."""
+    from conversations import recording_sql
+
+    app, key, budgets = _world(slug)
+    names = {b.pk: b.name.replace(slug, "APP") for b in budgets}
+    requests = [
+        recording_sql.OpenRequest.of(
+            budgets=budgets, hold_usd=D("0.000200"), hold_tokens=900, ttl_s=120, request_id=f"r{n}", api_key=key,
+            conversation_external_id=f"conv-{n % 2}", end_user=("alice", "bob")[n % 2], step="", stream=False,
+            model_requested="gpt-4o-mini", model_used="gpt-4o-mini", parameters={}, messages=MESSAGES, price=price,
+            estimated_prompt_tokens=40, token_count_is_estimate=False, provider_base_url="http://127.0.0.1:1/v1",
+        )
+        for n in range(4)
+    ]
+    payloads = [r.payload for r in requests]
+    if batched:
+        opened = recording_sql._fetch(recording_sql.OPEN_MANY, payloads)
+    else:
+        opened = [recording_sql._fetch(recording_sql.OPEN_ONE, p) for p in payloads]
+    calls = [recording_sql.opened_call(o, r)[0] for r, o in zip(requests, opened)]
+    finishing = [*calls, calls[0]]
+    payloads = [recording_sql.finish_payload(call=c, result=_result())[0] for c in finishing]
+    if batched:
+        finished = recording_sql._fetch(recording_sql.FINISH_MANY, payloads)
+    else:
+        finished = [recording_sql._fetch(recording_sql.FINISH_ONE, p) for p in payloads]
+
+    def periods(rows):
+        return [{**{k: v for k, v in row.items() if k not in ("id", "budget_id")}, "budget": names[row["budget_id"]]}
+                for row in rows or ()]
+
+    return {
+        "opened": [periods(o["periods"]) for o in opened],
+        "finished": [{**f, "periods": periods(f["periods"])} for f in finished],
+        "rows": _snapshot(app),
+    }
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_of_first_requests_creates_each_period_and_conversation_once_and_records_a_call_once():
+    """The first requests of a budget period arrive together: the batch
+    creates each period row and each conversation once, holds in turn on
+    them, and a call whose finish is sent twice is recorded and charged once
+    -- the same books as one request after another."""
+    _, price = make_model()
+    single = _first_of_a_period("single1st", price, batched=False)
+    batch = _first_of_a_period("batch1st", price, batched=True)
+
+    assert batch["opened"] == single["opened"]
+    assert batch["finished"] == single["finished"]
+    for key in ("calls", "messages", "conversations", "reservations", "periods"):
+        assert batch["rows"][key] == single["rows"][key], key
+    # what a reader checks: 3 period rows per user pair (app, key, one per user), holds in turn, one record per call
+    scopes = sorted((scope, subject != "") for scope, subject, _ in batch["rows"]["periods"])
+    assert len(scopes) == 4 and [s for s, _ in scopes].count("end_user") == 2
+    app_holds = [next(p["reserved_usd"] for p in o if p["budget"] == "APP app") for o in batch["opened"]]
+    assert [Decimal(v) for v in app_holds] == [D("0.0002"), D("0.0004"), D("0.0006"), D("0.0008")]
+    assert [f["recorded"] for f in batch["finished"]] == [True, True, True, True, False]
+    assert [c["call_count"] for c in batch["rows"]["conversations"]] == [2, 2]
+    assert len(batch["rows"]["calls"]) == 4 and all(c["status"] == "succeeded" for c in batch["rows"]["calls"])
+    assert sorted(r["status"] for r in batch["rows"]["reservations"]) == ["settled"] * 12
+
+
 def _index_scans(name: str) -> int:
     with connection.cursor() as cur:
         cur.execute("SELECT pg_stat_clear_snapshot()")
