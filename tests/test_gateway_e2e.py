@@ -286,3 +286,36 @@ def test_stream_says_how_long_admission_and_the_provider_took_to_start(gateway, 
         assert "".join(resp.iter_lines())
     assert {"admit", "provider_headers"} <= set(phases) <= {"admit", "open", "provider_headers"}
     assert 300 <= phases["provider_headers"] < 2000
+
+
+def test_a_streams_last_event_leaves_with_the_end_of_the_body():
+    """The [DONE] (or error) event and the end of the chunked body go out as
+    one ASGI message, which the HTTP server writes with one send: the client
+    reads the stream's end in one piece. A stream without a final part still
+    ends with an empty body message."""
+    import asyncio
+
+    from conversations.gateway.asgi import FinalPart, StreamResponse, _send
+
+    async def parts(last):
+        yield b"data: {}\n\n"
+        yield last
+
+    def messages(last):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(_send(StreamResponse(parts(last), content_type="text/event-stream"), send))
+        return [(m["type"], m.get("body"), m.get("more_body", False)) for m in sent]
+
+    assert messages(FinalPart(b"data: [DONE]\n\n"))[1:] == [
+        ("http.response.body", b"data: {}\n\n", True),
+        ("http.response.body", b"data: [DONE]\n\n", False),
+    ]
+    assert messages(b"data: [DONE]\n\n")[1:] == [
+        ("http.response.body", b"data: {}\n\n", True),
+        ("http.response.body", b"data: [DONE]\n\n", True),
+        ("http.response.body", None, False),
+    ]

@@ -19,6 +19,7 @@ from contextlib import aclosing
 import structlog
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django.http import StreamingHttpResponse
 
 from config.middleware import request_id_from
 from conversations.gateway.errors import GatewayError
@@ -75,6 +76,19 @@ async def _read_body(request: GatewayRequest, receive) -> bool:
     return True
 
 
+class FinalPart(bytes):
+    """A stream's last part: written together with the end of the body (one
+    socket write, and one read for the client, instead of two)."""
+
+
+class StreamResponse(StreamingHttpResponse):
+    """A streaming response whose parts reach _send as they were yielded, so a
+    FinalPart keeps its type (Django's make_bytes copies bytes into bytes)."""
+
+    def make_bytes(self, value):
+        return value if isinstance(value, FinalPart) else super().make_bytes(value)
+
+
 async def _send(response, send) -> None:
     headers = [
         (name.encode("ascii") if isinstance(name, str) else name, value.encode("latin1") if isinstance(value, str) else value)
@@ -84,6 +98,9 @@ async def _send(response, send) -> None:
     if response.streaming:
         async with aclosing(aiter(response)) as content:
             async for part in content:
+                if isinstance(part, FinalPart):
+                    await send({"type": "http.response.body", "body": bytes(part)})
+                    return
                 await send({"type": "http.response.body", "body": part, "more_body": True})
         await send({"type": "http.response.body"})
     else:

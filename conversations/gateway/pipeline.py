@@ -15,10 +15,11 @@ import structlog
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db import Error as DatabaseError
-from django.http import HttpResponse, StreamingHttpResponse
+from django.http import HttpResponse
 
 from conversations import recording_sql, services
 from conversations.gateway import metrics, provider, shared
+from conversations.gateway.asgi import FinalPart, StreamResponse
 from conversations.gateway.attempts import Attempts, AttemptsFailed, send
 from conversations.gateway.admission import Admitted, Headers, admit_async
 from conversations.gateway.dbsection import db_section
@@ -533,11 +534,11 @@ async def _stream(admitted: Admitted, chat: ChatRequest, request_id: str, starte
                     err = GatewayError(503, "The answer could not be recorded.", "recording_failed", type="api_error")
         if err is not None and not cancelled:
             log.warning("gateway.stream_failed", code=err.code, call_id=admitted.call_id)
-            yield _sse_error(err)
+            yield FinalPart(_sse_error(err))
         elif not cancelled:
-            yield b"data: [DONE]\n\n"
+            yield FinalPart(b"data: [DONE]\n\n")
 
-    resp = StreamingHttpResponse(relay(), content_type="text/event-stream")
+    resp = StreamResponse(relay(), content_type="text/event-stream")
     resp["Cache-Control"] = "no-cache"
     resp["X-Accel-Buffering"] = "no"
     return _headers(resp, request_id, Outcome.DEGRADED if admitted.degraded else Outcome.ANSWERED, admitted)
