@@ -203,3 +203,19 @@ def test_concurrent_requests_share_pipelines_and_each_gets_its_own_count():
     assert all(t == 10 * r for r, t in counts), "a request's counters come from the same increments"
     assert client.info("commandstats")["cmdstat_incrby"]["calls"] - before == 60
     assert shared.get("probe:rl:burst") == 30
+
+
+@needs_redis
+def test_a_closed_loops_redis_client_is_let_go():
+    """Each event loop gets its own batching Redis client; once a loop has
+    closed, the next loop to count drops the old client instead of keeping
+    it (and its loop) for the life of the process."""
+    import asyncio
+
+    caches["default"].clear()
+    first = asyncio.new_event_loop()
+    first.run_until_complete(shared.incr_many_async([("probe:rl:loops", 1)], 70))
+    assert first in shared._batchers
+    first.close()
+    assert asyncio.run(shared.incr_many_async([("probe:rl:loops", 1)], 70)) == [2]
+    assert first not in shared._batchers

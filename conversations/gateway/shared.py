@@ -9,7 +9,6 @@ Redis costs at most one timeout per process per few seconds."""
 import asyncio
 import threading
 import time
-import weakref
 
 import structlog
 from django.core.cache import caches
@@ -250,8 +249,10 @@ class _IncrBatcher:
 
 
 # One batcher (one asyncio Redis client) per event loop: a client's
-# connections belong to the loop that opened them.
-_batchers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _IncrBatcher]" = weakref.WeakKeyDictionary()
+# connections belong to the loop that opened them. Not a WeakKeyDictionary:
+# a batcher's client holds its loop, so the entry would never go; the
+# batchers of loops that have closed are dropped when a new loop asks.
+_batchers: "dict[asyncio.AbstractEventLoop, _IncrBatcher]" = {}
 
 
 def _async_batcher(backend) -> _IncrBatcher | None:
@@ -260,6 +261,8 @@ def _async_batcher(backend) -> _IncrBatcher | None:
     loop = asyncio.get_running_loop()
     batcher = _batchers.get(loop)
     if batcher is None or batcher._backend is not backend:
+        for closed in [other for other in _batchers if other.is_closed()]:
+            del _batchers[closed]
         import redis.asyncio as aioredis
         from django.conf import settings
 
