@@ -975,9 +975,10 @@ def write_timeline(directory: str, scenario: str, target: str, outcomes: list[Ou
     os.makedirs(directory, exist_ok=True)
     name = re.sub(r"[^A-Za-z0-9]+", "-", f"{scenario}-{target}").strip("-")
     with open(os.path.join(directory, f"{name}.tsv"), "w") as fh:
-        fh.write("worker\tsent_ms\tlatency_ms\tok\tserver_timing\n")
+        fh.write("worker\tsent_ms\tlatency_ms\tfirst_chunk_ms\tok\tserver_timing\n")
         for o in sorted(outcomes, key=lambda o: o.sent):
-            fh.write(f"{o.worker}\t{o.sent * 1000:.1f}\t{o.latency * 1000:.1f}\t{int(o.ok)}\t{o.server_timing}\n")
+            first = "" if o.first_byte is None else f"{o.first_byte * 1000:.1f}"
+            fh.write(f"{o.worker}\t{o.sent * 1000:.1f}\t{o.latency * 1000:.1f}\t{first}\t{int(o.ok)}\t{o.server_timing}\n")
 
 
 # --- report --------------------------------------------------------------------
