@@ -395,6 +395,64 @@ def test_a_batch_of_first_requests_creates_each_period_and_conversation_once_and
     assert sorted(r["status"] for r in batch["rows"]["reservations"]) == ["settled"] * 12
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_finish_batch_locks_its_conversations_in_the_batchs_order():
+    """Group commit sorts a batch by conversation key, and finishing its items
+    one by one locked their conversations in that order, so two workers'
+    batches could never wait on each other in a cycle (a deadlock fails a
+    batch after a second). The set-based batch keeps that order, not the
+    database's: here the key order ('a', 'b') is the reverse of the id order,
+    and while another client holds 'b' the batch already holds 'a'."""
+    import threading
+
+    import orjson
+    import psycopg
+
+    from conversations import recording_sql
+
+    _, price = make_model()
+    app = make_application(slug="lock-order")
+    key = create_api_key(application=app).api_key
+    calls = {}
+    for external_id in ("b", "a"):  # 'b' first: the lower id
+        request = recording_sql.OpenRequest.of(
+            budgets=[], hold_usd=D("0"), hold_tokens=0, ttl_s=120, request_id=f"r-{external_id}", api_key=key,
+            conversation_external_id=external_id, end_user="", step="", stream=False, model_requested="gpt-4o-mini",
+            model_used="gpt-4o-mini", parameters={}, messages=MESSAGES, price=price, estimated_prompt_tokens=40,
+            token_count_is_estimate=False, provider_base_url="http://127.0.0.1:1/v1",
+        )
+        calls[external_id] = recording_sql.opened_call(recording_sql._fetch(recording_sql.OPEN_ONE, request.payload), request)[0]
+    ids = dict(Conversation.objects.filter(application=app).values_list("external_id", "pk"))
+    assert ids["b"] < ids["a"]
+    batch = orjson.dumps([recording_sql.finish_payload(call=calls[e], result=_result())[0] for e in ("a", "b")], default=str).decode()
+
+    holder, writer, probe = raw_connection(), raw_connection(autocommit=True), raw_connection(autocommit=True)
+    out = {}
+
+    def finish():
+        try:
+            out["recorded"] = writer.execute("SELECT gateway_finish_calls(%s::jsonb)", [batch]).fetchone()[0]
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            out["error"] = exc
+
+    thread = threading.Thread(target=finish)
+    try:
+        holder.execute("SELECT 1 FROM conversations_conversation WHERE id = %s FOR UPDATE", [ids["b"]])
+        thread.start()
+        _wait_for_lock_waiter(probe)  # the batch waits for 'b' ...
+        with pytest.raises(psycopg.errors.LockNotAvailable):  # ... holding 'a'
+            probe.execute("SELECT 1 FROM conversations_conversation WHERE id = %s FOR UPDATE NOWAIT", [ids["a"]])
+    finally:  # a failure must not leave a row locked for the teardown's flush
+        holder.rollback()
+        holder.close()
+        thread.join(timeout=20)
+        writer.close()
+        probe.close()
+    assert "error" not in out, out
+    assert [f["recorded"] for f in out["recorded"]] == [True, True]
+    assert sorted(Conversation.objects.filter(application=app).values_list("call_count", flat=True)) == [1, 1]
+
+
 def _index_scans(name: str) -> int:
     with connection.cursor() as cur:
         cur.execute("SELECT pg_stat_clear_snapshot()")
