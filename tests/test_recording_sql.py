@@ -236,13 +236,8 @@ def test_batch_where_a_later_item_no_longer_fits_is_written_again_one_by_one():
     app, key, budgets = _world("batch-race")
     payloads = []
     for request_id in ("one", "two"):
-        payload, external_id = recording_sql.open_payload(
-            budgets=budgets[:1], hold_usd=D("0.000600"), hold_tokens=10, ttl_s=120, request_id=request_id, api_key=key,
-            conversation_external_id="c", end_user="alice", step="", stream=False, model_requested="gpt-4o-mini",
-            model_used="gpt-4o-mini", parameters={}, messages=MESSAGES, price=price, estimated_prompt_tokens=40,
-            token_count_is_estimate=False, provider_base_url="http://127.0.0.1:1/v1",
-        )
-        payloads.append(_Item(payload, (key.application_id, external_id)))
+        request = _request(key, budgets[:1], price, request_id=request_id, conversation="c", user="alice", hold=D("0.000600"), tokens=10)
+        payloads.append(_Item(request.payload, request.order))
 
     recording_sql.OPENS._write(payloads, leader=None)
 
@@ -251,6 +246,35 @@ def test_batch_where_a_later_item_no_longer_fits_is_written_again_one_by_one():
     assert second.error is None and second.result["exceeded"]["unit"] == "usd"
     assert list(ProviderCall.objects.filter(application=app).values_list("request_id", flat=True)) == ["one"]
     assert BudgetPeriod.objects.get(budget=budgets[0]).reserved_usd == D("0.000600")
+
+
+def _request(key, budgets, price, *, request_id, conversation, user, hold=D("0.000200"), tokens=900):
+    """A request to open through the SQL functions, as the gateway builds it."""
+    from conversations import recording_sql
+
+    return recording_sql.OpenRequest.of(
+        budgets=budgets, hold_usd=hold, hold_tokens=tokens, ttl_s=120, request_id=request_id, api_key=key,
+        conversation_external_id=conversation, end_user=user, step="", stream=False, model_requested="gpt-4o-mini",
+        model_used="gpt-4o-mini", parameters={}, messages=MESSAGES, price=price, estimated_prompt_tokens=40,
+        token_count_is_estimate=False, provider_base_url="http://127.0.0.1:1/v1",
+    )
+
+
+def _write_all(phase: str, payloads: list[dict], *, batched: bool) -> list[dict]:
+    """Opens or finishes, as one batch or in one transaction each."""
+    from conversations import recording_sql
+
+    one, many = {"open": (recording_sql.OPEN_ONE, recording_sql.OPEN_MANY),
+                 "finish": (recording_sql.FINISH_ONE, recording_sql.FINISH_MANY)}[phase]
+    if batched:
+        return recording_sql._fetch(many, payloads)
+    return [recording_sql._fetch(one, p) for p in payloads]
+
+
+def _periods(rows, names: dict) -> list[dict]:
+    """Period rows as an answer reports them, without ids (two worlds compare)."""
+    return [{**{k: v for k, v in row.items() if k not in ("id", "budget_id")}, "budget": names[row["budget_id"]]}
+            for row in rows or ()]
 
 
 def _batch_or_single(slug: str, price, *, batched: bool) -> dict:
@@ -266,16 +290,10 @@ def _batch_or_single(slug: str, price, *, batched: bool) -> dict:
     names = {b.pk: b.name.replace(slug, "APP") for b in budgets}
 
     def request(n, *, hold=D("0.000200"), user="alice"):
-        return recording_sql.OpenRequest.of(
-            budgets=budgets, hold_usd=hold, hold_tokens=900, ttl_s=120, request_id=f"r{n}", api_key=key,
-            conversation_external_id=f"conv-{n % 2}", end_user=user, step="", stream=False, model_requested="gpt-4o-mini",
-            model_used="gpt-4o-mini", parameters={}, messages=MESSAGES, price=price, estimated_prompt_tokens=40,
-            token_count_is_estimate=False, provider_base_url="http://127.0.0.1:1/v1",
-        )
+        return _request(key, budgets, price, request_id=f"r{n}", conversation=f"conv-{n % 2}", user=user, hold=hold)
 
     def periods(rows):
-        return [{**{k: v for k, v in row.items() if k not in ("id", "budget_id")}, "budget": names[row["budget_id"]]}
-                for row in rows or ()]
+        return _periods(rows, names)
 
     # r0 is opened first and its hold expires before the others open
     late = request(0)
@@ -283,11 +301,7 @@ def _batch_or_single(slug: str, price, *, batched: bool) -> dict:
     expire_stale_reservations(now=timezone.now() + timezone.timedelta(seconds=600))
 
     requests = [request(1), request(2, user="bob"), request(3, hold=D("0.002")), request(4, user="bob")]
-    payloads = [r.payload for r in requests]
-    if batched:
-        opened = recording_sql._fetch(recording_sql.OPEN_MANY, payloads)
-    else:
-        opened = [recording_sql._fetch(recording_sql.OPEN_ONE, p) for p in payloads]
+    opened = _write_all("open", [r.payload for r in requests], batched=batched)
     out = {"opened": [periods(o.get("periods")) if "call_id" in o else o["exceeded"]["unit"] for o in opened]}
     calls = {r.payload["request_id"]: recording_sql.opened_call(o, r)[0] for r, o in zip(requests, opened) if "call_id" in o}
 
@@ -296,10 +310,7 @@ def _batch_or_single(slug: str, price, *, batched: bool) -> dict:
     finishing = [(late_call, _result()), (calls["r1"], _result()), (calls["r2"], failed),
                  (calls["r4"], _result(prompt_tokens=300, completion_tokens=20, cached_tokens=0))]
     payloads = [recording_sql.finish_payload(call=c, result=r)[0] for c, r in finishing]
-    if batched:
-        finished = recording_sql._fetch(recording_sql.FINISH_MANY, payloads)
-    else:
-        finished = [recording_sql._fetch(recording_sql.FINISH_ONE, p) for p in payloads]
+    finished = _write_all("finish", payloads, batched=batched)
     out["finished"] = [{**f, "periods": periods(f["periods"])} for f in finished]
     out["rows"] = _snapshot(app)
     return out
@@ -338,34 +349,17 @@ def _first_of_a_period(slug: str, price, *, batched: bool) -> dict:
     app, key, budgets = _world(slug)
     names = {b.pk: b.name.replace(slug, "APP") for b in budgets}
     requests = [
-        recording_sql.OpenRequest.of(
-            budgets=budgets, hold_usd=D("0.000200"), hold_tokens=900, ttl_s=120, request_id=f"r{n}", api_key=key,
-            conversation_external_id=f"conv-{n % 2}", end_user=("alice", "bob")[n % 2], step="", stream=False,
-            model_requested="gpt-4o-mini", model_used="gpt-4o-mini", parameters={}, messages=MESSAGES, price=price,
-            estimated_prompt_tokens=40, token_count_is_estimate=False, provider_base_url="http://127.0.0.1:1/v1",
-        )
+        _request(key, budgets, price, request_id=f"r{n}", conversation=f"conv-{n % 2}", user=("alice", "bob")[n % 2])
         for n in range(4)
     ]
-    payloads = [r.payload for r in requests]
-    if batched:
-        opened = recording_sql._fetch(recording_sql.OPEN_MANY, payloads)
-    else:
-        opened = [recording_sql._fetch(recording_sql.OPEN_ONE, p) for p in payloads]
+    opened = _write_all("open", [r.payload for r in requests], batched=batched)
     calls = [recording_sql.opened_call(o, r)[0] for r, o in zip(requests, opened)]
     finishing = [*calls, calls[0]]
     payloads = [recording_sql.finish_payload(call=c, result=_result())[0] for c in finishing]
-    if batched:
-        finished = recording_sql._fetch(recording_sql.FINISH_MANY, payloads)
-    else:
-        finished = [recording_sql._fetch(recording_sql.FINISH_ONE, p) for p in payloads]
-
-    def periods(rows):
-        return [{**{k: v for k, v in row.items() if k not in ("id", "budget_id")}, "budget": names[row["budget_id"]]}
-                for row in rows or ()]
-
+    finished = _write_all("finish", payloads, batched=batched)
     return {
-        "opened": [periods(o["periods"]) for o in opened],
-        "finished": [{**f, "periods": periods(f["periods"])} for f in finished],
+        "opened": [_periods(o["periods"], names) for o in opened],
+        "finished": [{**f, "periods": _periods(f["periods"], names)} for f in finished],
         "rows": _snapshot(app),
     }
 
@@ -415,12 +409,7 @@ def test_a_finish_batch_locks_its_conversations_in_the_batchs_order():
     key = create_api_key(application=app).api_key
     calls = {}
     for external_id in ("b", "a"):  # 'b' first: the lower id
-        request = recording_sql.OpenRequest.of(
-            budgets=[], hold_usd=D("0"), hold_tokens=0, ttl_s=120, request_id=f"r-{external_id}", api_key=key,
-            conversation_external_id=external_id, end_user="", step="", stream=False, model_requested="gpt-4o-mini",
-            model_used="gpt-4o-mini", parameters={}, messages=MESSAGES, price=price, estimated_prompt_tokens=40,
-            token_count_is_estimate=False, provider_base_url="http://127.0.0.1:1/v1",
-        )
+        request = _request(key, [], price, request_id=f"r-{external_id}", conversation=external_id, user="", hold=D("0"), tokens=0)
         calls[external_id] = recording_sql.opened_call(recording_sql._fetch(recording_sql.OPEN_ONE, request.payload), request)[0]
     ids = dict(Conversation.objects.filter(application=app).values_list("external_id", "pk"))
     assert ids["b"] < ids["a"]
